@@ -1,0 +1,19 @@
+// Schemas of the RoIAlign ops and the Python module that loads them. The implementations register
+// themselves per device: roi_align_cpu.cpp (CPU) and roi_align_cuda.cu (CUDA, when built).
+// Autograd and fake (meta) implementations are registered in roialign/__init__.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(maskrcnn, m) {
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned, "
+      "bool deterministic) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Registers torch.ops.maskrcnn.roi_align and torch.ops.maskrcnn.roi_align_backward.";
+}

@@ -1,0 +1,137 @@
+// RoIAlign geometry shared by the CPU and CUDA kernels, so that both sample exactly the same points
+// with exactly torchvision's arithmetic (same operations in the same order).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define MASKRCNN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MASKRCNN_HOST_DEVICE inline
+#endif
+
+namespace maskrcnn {
+
+// One RoI mapped onto the feature map: where its bins start, their size, and the sample grid per bin.
+template <typename A>
+struct RoiGeometry {
+  int64_t batch;  // image index, from the first column of rois
+  A start_y, start_x, bin_h, bin_w;
+  int grid_h, grid_w;  // samples per bin along y and x
+  A count;             // samples averaged per bin
+};
+
+// roi: (batch index, x1, y1, x2, y2) in image coordinates.
+template <typename A>
+MASKRCNN_HOST_DEVICE RoiGeometry<A> roi_geometry(const A* roi, A spatial_scale, int pooled_h, int pooled_w,
+                                                 int sampling_ratio, bool aligned) {
+  RoiGeometry<A> g;
+  g.batch = static_cast<int64_t>(roi[0]);
+  // aligned=True shifts by half a pixel so that a pixel's centre is at integer + 0.5 (RoIAlignV2).
+  const A offset = aligned ? A(0.5) : A(0);
+  g.start_x = roi[1] * spatial_scale - offset;
+  g.start_y = roi[2] * spatial_scale - offset;
+  A width = roi[3] * spatial_scale - offset - g.start_x;
+  A height = roi[4] * spatial_scale - offset - g.start_y;
+  if (!aligned) {  // the original RoIAlign forces RoIs to be at least 1x1
+    width = width > A(1) ? width : A(1);
+    height = height > A(1) ? height : A(1);
+  }
+  g.bin_h = height / static_cast<A>(pooled_h);
+  g.bin_w = width / static_cast<A>(pooled_w);
+  // sampling_ratio <= 0: adaptive, ceil(roi size / output size) samples per bin.
+  const A adaptive_h = ceil(height / static_cast<A>(pooled_h));
+  const A adaptive_w = ceil(width / static_cast<A>(pooled_w));
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : (adaptive_h > A(0) ? static_cast<int>(adaptive_h) : 0);
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : (adaptive_w > A(0) ? static_cast<int>(adaptive_w) : 0);
+  const int samples = g.grid_h * g.grid_w;
+  g.count = static_cast<A>(samples > 1 ? samples : 1);
+  return g;
+}
+
+// Sample (iy, ix) of bin (ph, pw).
+template <typename A>
+MASKRCNN_HOST_DEVICE A sample_y(const RoiGeometry<A>& g, int ph, int iy) {
+  return g.start_y + static_cast<A>(ph) * g.bin_h + static_cast<A>(iy + .5f) * g.bin_h / static_cast<A>(g.grid_h);
+}
+template <typename A>
+MASKRCNN_HOST_DEVICE A sample_x(const RoiGeometry<A>& g, int pw, int ix) {
+  return g.start_x + static_cast<A>(pw) * g.bin_w + static_cast<A>(ix + .5f) * g.bin_w / static_cast<A>(g.grid_w);
+}
+
+// The four pixels a bilinear sample reads (offsets y * width + x in one plane) and their weights.
+template <typename A>
+struct BilinearTaps {
+  int64_t offset[4];
+  A weight[4];
+};
+
+// False when the sample lies more than one pixel outside the map (or is not finite): it contributes 0.
+template <typename A>
+MASKRCNN_HOST_DEVICE bool bilinear_taps(A y, A x, int64_t height, int64_t width, BilinearTaps<A>* taps) {
+  if (!(y >= A(-1) && y <= static_cast<A>(height) && x >= A(-1) && x <= static_cast<A>(width))) {
+    return false;
+  }
+  y = y <= A(0) ? A(0) : y;
+  x = x <= A(0) ? A(0) : x;
+  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
+  if (y_low >= height - 1) {
+    y_high = y_low = height - 1;
+    y = static_cast<A>(y_low);
+  } else {
+    y_high = y_low + 1;
+  }
+  if (x_low >= width - 1) {
+    x_high = x_low = width - 1;
+    x = static_cast<A>(x_low);
+  } else {
+    x_high = x_low + 1;
+  }
+  const A ly = y - static_cast<A>(y_low), lx = x - static_cast<A>(x_low);
+  const A hy = A(1) - ly, hx = A(1) - lx;
+  taps->offset[0] = y_low * width + x_low;
+  taps->offset[1] = y_low * width + x_high;
+  taps->offset[2] = y_high * width + x_low;
+  taps->offset[3] = y_high * width + x_high;
+  taps->weight[0] = hy * hx;
+  taps->weight[1] = hy * lx;
+  taps->weight[2] = ly * hx;
+  taps->weight[3] = ly * lx;
+  return true;
+}
+
+inline void check_roi_align_args(const at::Tensor& rois, double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                 const char* op) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
+              ": rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point; got ",
+              rois.scalar_type());
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive; got (", pooled_h, ", ",
+              pooled_w, ")");
+  TORCH_CHECK(spatial_scale > 0 && std::isfinite(spatial_scale), op,
+              ": spatial_scale must be a positive finite number; got ", spatial_scale);
+}
+
+inline void check_roi_align_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                   int64_t pooled_h, int64_t pooled_w) {
+  TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]; got shape ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "roi_align: input must be floating point; got ",
+              input.scalar_type());
+  TORCH_CHECK(input.device() == rois.device(), "roi_align: rois must be on the device of input (", input.device(),
+              "); got ", rois.device());
+  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, "roi_align");
+}
+
+// Coordinates and weights are computed in float for float16/bfloat16/float32, in double for float64.
+template <typename T>
+struct Accumulate {
+  using type = float;
+};
+template <>
+struct Accumulate<double> {
+  using type = double;
+};
+
+}  // namespace maskrcnn

@@ -1,0 +1,169 @@
+// CPU RoIAlign, forward and backward, on a channels-last view of the feature map.
+//
+// With channels last, each bilinear tap reads (or, backward, updates) C contiguous values, so the
+// inner loop over channels is vectorised and the sample geometry is computed once per sample rather
+// than once per channel. Forward splits the bins between threads; backward splits the channels, so no
+// two threads ever add into the same value and the result does not depend on the number of threads
+// (this backward is deterministic).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "roi_align.h"
+
+namespace maskrcnn {
+namespace {
+
+void check_batch_indices(const at::Tensor& rois, int64_t batch_size, const char* op) {
+  if (rois.size(0) == 0) {
+    return;
+  }
+  const at::Tensor index = rois.select(1, 0);
+  const double low = index.min().item<double>(), high = index.max().item<double>();
+  TORCH_CHECK(low >= 0 && high < static_cast<double>(batch_size), op,
+              ": rois[:, 0] (batch index) must be in [0, ", batch_size, "); got values from ", low, " to ", high);
+}
+
+template <typename A>
+void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t channels, int64_t height,
+                   int64_t width, A spatial_scale, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
+                   A* output) {
+  const int64_t plane = height * width;
+  const int64_t bin_stride = static_cast<int64_t>(pooled_h) * pooled_w;  // output is [K, C, PH, PW]
+  // One work item is one row of bins of one RoI.
+  at::parallel_for(0, rois_count * pooled_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> sum(channels);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / pooled_h;
+      const int ph = static_cast<int>(item % pooled_h);
+      const RoiGeometry<A> g =
+          roi_geometry<A>(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
+      const A* image = input + g.batch * plane * channels;
+      for (int pw = 0; pw < pooled_w; ++pw) {
+        std::fill(sum.begin(), sum.end(), A(0));
+        A* __restrict__ acc = sum.data();
+        for (int iy = 0; iy < g.grid_h; ++iy) {
+          const A y = sample_y(g, ph, iy);
+          for (int ix = 0; ix < g.grid_w; ++ix) {
+            BilinearTaps<A> t;
+            if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, &t)) {
+              continue;
+            }
+            const A* __restrict__ v1 = image + t.offset[0] * channels;
+            const A* __restrict__ v2 = image + t.offset[1] * channels;
+            const A* __restrict__ v3 = image + t.offset[2] * channels;
+            const A* __restrict__ v4 = image + t.offset[3] * channels;
+            const A w1 = t.weight[0], w2 = t.weight[1], w3 = t.weight[2], w4 = t.weight[3];
+            for (int64_t c = 0; c < channels; ++c) {
+              acc[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
+            }
+          }
+        }
+        A* out = output + (k * channels * pooled_h + ph) * pooled_w + pw;
+        for (int64_t c = 0; c < channels; ++c) {
+          out[c * bin_stride] = acc[c] / g.count;
+        }
+      }
+    }
+  });
+}
+
+template <typename A>
+void backward_typed(const A* grad, const A* rois, int64_t rois_count, int64_t channels, int64_t height,
+                    int64_t width, A spatial_scale, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
+                    A* grad_input) {
+  const int64_t plane = height * width;
+  // grad is [K, PH, PW, C] (channels last), grad_input is [N, H, W, C].
+  at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t k = 0; k < rois_count; ++k) {
+      const RoiGeometry<A> g =
+          roi_geometry<A>(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
+      A* image = grad_input + g.batch * plane * channels;
+      for (int ph = 0; ph < pooled_h; ++ph) {
+        for (int pw = 0; pw < pooled_w; ++pw) {
+          const A* __restrict__ g_bin = grad + ((k * pooled_h + ph) * pooled_w + pw) * channels;
+          for (int iy = 0; iy < g.grid_h; ++iy) {
+            const A y = sample_y(g, ph, iy);
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              BilinearTaps<A> t;
+              if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, &t)) {
+                continue;
+              }
+              for (int tap = 0; tap < 4; ++tap) {
+                A* __restrict__ target = image + t.offset[tap] * channels;
+                const A w = t.weight[tap];
+                for (int64_t c = c_begin; c < c_end; ++c) {
+                  target[c] += g_bin[c] * w / g.count;  // torchvision's order: (grad * w) / count
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// float16 and bfloat16 are computed in float32.
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  check_roi_align_inputs(input, rois, spatial_scale, pooled_h, pooled_w);
+  check_batch_indices(rois, input.size(0), "roi_align");
+  const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const at::ScalarType type = compute_type(input);
+  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(type));
+  if (K == 0 || C == 0 || H == 0 || W == 0) {
+    return output.to(input.scalar_type());
+  }
+  const at::Tensor nhwc = input.to(type).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor boxes = rois.to(type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(type, "maskrcnn_roi_align_cpu", [&] {
+    forward_typed<scalar_t>(nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H, W,
+                            static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio, aligned,
+                            output.data_ptr<scalar_t>());
+  });
+  return output.to(input.scalar_type());
+}
+
+// Returns the gradient with channels-last strides (the layout it is accumulated in).
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
+                                  bool /*deterministic: always*/) {
+  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, "roi_align_backward");
+  const int64_t K = rois.size(0);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              "roi_align_backward: grad must be [K, C, PH, PW] = [", K, ", ", channels, ", ", pooled_h, ", ",
+              pooled_w, "]; got ", grad.sizes());
+  check_batch_indices(rois, batch_size, "roi_align_backward");
+  const at::ScalarType type = compute_type(grad);
+  // [N, C, H, W] with channels-last strides.
+  at::Tensor grad_input =
+      at::zeros({batch_size, height, width, channels}, grad.options().dtype(type)).permute({0, 3, 1, 2});
+  if (K == 0 || channels == 0 || height == 0 || width == 0) {
+    return grad_input.to(grad.scalar_type());
+  }
+  const at::Tensor grad_nhwc = grad.to(type).permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor boxes = rois.to(type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(type, "maskrcnn_roi_align_backward_cpu", [&] {
+    backward_typed<scalar_t>(grad_nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, channels, height,
+                             width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio,
+                             aligned, grad_input.data_ptr<scalar_t>());
+  });
+  return grad_input.to(grad.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskrcnn, CPU, m) {
+  m.impl("roi_align", roi_align_cpu);
+  m.impl("roi_align_backward", roi_align_backward_cpu);
+}
+
+}  // namespace maskrcnn
