@@ -13,7 +13,9 @@ on, the CUDA backward uses a sort-based kernel with no atomic adds, so gradients
 reproducible; the CPU backward is always deterministic.
 """
 
-from typing import List, Sequence, Tuple, Union
+import math
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +41,9 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     return torch.cat([index, torch.cat(list(boxes))], dim=1)
 
 
-def _pair(output_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+def _pair(output_size: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ValueError(f"output_size must be a positive int or a pair (height, width) of them; got {output_size!r}")
     return size
 
@@ -58,14 +60,14 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float) -> None:
         raise ValueError(f"roi_align: rois must be floating point; got {rois.dtype}")
     if rois.device != input.device:
         raise ValueError(f"roi_align: rois must be on the device of input ({input.device}); got {rois.device}")
-    if not spatial_scale > 0:
-        raise ValueError(f"roi_align: spatial_scale must be positive; got {spatial_scale}")
+    if not (isinstance(spatial_scale, (int, float)) and 0 < spatial_scale < math.inf):
+        raise ValueError(f"roi_align: spatial_scale must be a positive finite number; got {spatial_scale}")
     if rois.shape[0] > 0 and not torch.compiler.is_compiling():
         # One host synchronisation on CUDA; the model calls the op directly on rois it built itself.
         # (Under torch.compile the kernels still never read outside the input: the CPU kernel raises,
         # the CUDA kernel gives zeros for such RoIs.)
         low, high = torch.aminmax(rois[:, 0])
-        if low < 0 or high >= input.shape[0]:
+        if not (low >= 0 and high < input.shape[0]):  # written so that NaN fails too
             raise ValueError(
                 f"roi_align: rois[:, 0] (batch index) must be in [0, {input.shape[0]}) for an input of "
                 f"{input.shape[0]} images; got values from {low.item():g} to {high.item():g}"
@@ -75,7 +77,7 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float) -> None:
 def roi_align(
     input: Tensor,
     rois: RoIs,
-    output_size: Union[int, Tuple[int, int]],
+    output_size: Union[int, tuple[int, int]],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -109,7 +111,7 @@ class RoIAlign(nn.Module):
 
     def __init__(
         self,
-        output_size: Union[int, Tuple[int, int]],
+        output_size: Union[int, tuple[int, int]],
         spatial_scale: float = 1.0,
         sampling_ratio: int = -1,
         aligned: bool = False,
@@ -120,7 +122,7 @@ class RoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
+    def forward(self, input: Tensor, rois: Union[Tensor, list[Tensor]]) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def extra_repr(self) -> str:
@@ -135,8 +137,9 @@ def _setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs
     ctx.save_for_backward(rois)
     ctx.arguments = (spatial_scale, pooled_h, pooled_w, *input.shape, sampling_ratio, aligned)
-    channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
-    ctx.memory_format = torch.contiguous_format if input.is_contiguous() or not channels_last else torch.channels_last
+    # The backward op returns NCHW; a channels-last input gets a channels-last gradient back.
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _backward(ctx, grad):

@@ -80,7 +80,9 @@ void keep_group(const T* boxes, int64_t n, T threshold, bool* keep) {
       continue;
     }
     // Each later block is updated by exactly one thread, so no two threads write the same word.
-    const int64_t grain = std::max<int64_t>(1, 2048 / (static_cast<int64_t>(kept.size()) * kBlock));
+    // Threads are woken only for at least ~64k IoUs each: fewer parallel regions, which matters
+    // when the cores are shared with other work and waking a thread can cost a scheduler tick.
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (static_cast<int64_t>(kept.size()) * kBlock));
     at::parallel_for(block + 1, group.blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t later = begin; later < end; ++later) {
         if (removed[later] == ~0ULL) {

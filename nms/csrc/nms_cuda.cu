@@ -117,6 +117,8 @@ __global__ void reduce_kernel(int64_t n, int64_t col_blocks, const uint64_t* __r
 at::Tensor keep_sorted_cuda(const at::Tensor& boxes, const at::Tensor& keys, double iou_threshold) {
   const int64_t n = boxes.size(0);
   const int64_t col_blocks = (n + kBlock - 1) / kBlock;
+  TORCH_CHECK(col_blocks <= 65535, "nms: at most ", 65535 * kBlock, " boxes on CUDA (one grid dimension per ",
+              kBlock, " boxes); got ", n);
   const auto long_options = boxes.options().dtype(at::kLong);
   // last_col per row block: the end of the group of the block's last row (all of it for one group).
   at::Tensor last_col;

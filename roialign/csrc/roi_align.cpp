@@ -1,6 +1,7 @@
 // Schemas of the RoIAlign ops and the Python module that loads them. The implementations register
 // themselves per device: roi_align_cpu.cpp (CPU) and roi_align_cuda.cu (CUDA, when built).
-// Autograd and fake (meta) implementations are registered in roialign/__init__.py.
+// Autograd and fake (meta) implementations are registered in roialign/__init__.py. Both ops return
+// contiguous (NCHW) tensors on every device and path.
 #include <torch/extension.h>
 #include <torch/library.h>
 

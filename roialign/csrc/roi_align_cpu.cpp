@@ -130,7 +130,6 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   return output.to(input.scalar_type());
 }
 
-// Returns the gradient with channels-last strides (the layout it is accumulated in).
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
@@ -147,7 +146,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   at::Tensor grad_input =
       at::zeros({batch_size, height, width, channels}, grad.options().dtype(type)).permute({0, 3, 1, 2});
   if (K == 0 || channels == 0 || height == 0 || width == 0) {
-    return grad_input.to(grad.scalar_type());
+    return grad_input.to(grad.scalar_type()).contiguous();
   }
   const at::Tensor grad_nhwc = grad.to(type).permute({0, 2, 3, 1}).contiguous();
   const at::Tensor boxes = rois.to(type).contiguous();
@@ -156,7 +155,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                              width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio,
                              aligned, grad_input.data_ptr<scalar_t>());
   });
-  return grad_input.to(grad.scalar_type());
+  return grad_input.to(grad.scalar_type()).contiguous();
 }
 
 }  // namespace

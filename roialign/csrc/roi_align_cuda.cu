@@ -270,7 +270,7 @@ at::Tensor backward_deterministic(const at::Tensor& grad, const at::Tensor& boxe
     }
     k_begin = k_end;
   }
-  return grad_input.permute({0, 3, 1, 2});  // [N, C, H, W], channels-last strides
+  return grad_input.permute({0, 3, 1, 2});  // [N, C, H, W] with channels-last strides
 }
 
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
@@ -310,7 +310,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return grad_input.to(grad.scalar_type());
+  return grad_input.to(grad.scalar_type()).contiguous();  // the same layout on every path
 }
 
 }  // namespace

@@ -1,0 +1,142 @@
+"""Times our NMS and RoIAlign kernels against torchvision's, in one process, on the same inputs.
+
+    python bench/bench_kernels.py                 # CPU (and the GPU tables when CUDA is available)
+    python bench/bench_kernels.py --device cpu --repeats 5
+
+Prints a markdown table per device and dtype: median milliseconds for torchvision and for us, and
+the ratio torchvision / ours (above 1 means we are faster). Inputs are shaped like Mask R-CNN's:
+RPN-like clusters of boxes in an 800x1344 image, and a P2-sized feature map (stride 4) of 256 channels
+with RoIs of 16 to 512 pixels, pooled to the box head's 7x7 and the mask head's 14x14.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from torchvision import ops as tv_ops
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import nms as our_nms  # noqa: E402
+import roialign as our_roialign  # noqa: E402
+
+IMAGE_H, IMAGE_W = 800, 1344
+
+
+def clustered_boxes(n, generator, device, dtype):
+    """n boxes in clusters of about 10 jittered copies, like RPN proposals around objects."""
+    centres = torch.rand(max(n // 10, 1), 2, generator=generator) * torch.tensor([IMAGE_W, IMAGE_H])
+    sizes = 16 * 32 ** torch.rand(centres.shape[0], 2, generator=generator)  # 16 to 512 px
+    pick = torch.randint(0, centres.shape[0], (n,), generator=generator)
+    centre = centres[pick] + torch.randn(n, 2, generator=generator) * sizes[pick] * 0.1
+    size = sizes[pick] * (1 + 0.1 * torch.randn(n, 2, generator=generator)).clamp(min=0.5)
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+    scores = torch.rand(n, generator=generator)
+    return boxes.to(device, dtype), scores.to(device, dtype)
+
+
+def rois_on_map(k, batch, generator, device, dtype):
+    boxes, _ = clustered_boxes(k, generator, "cpu", torch.float32)
+    index = torch.randint(0, batch, (k, 1), generator=generator).float()
+    return torch.cat([index, boxes], dim=1).to(device, dtype)
+
+
+def median_ms(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def cases(device, dtype, generator):
+    """(name, torchvision's fn, our fn, check) for every row of the table."""
+    rows = []
+    for n, threshold in ((1000, 0.7), (5000, 0.7), (20000, 0.7)):
+        boxes, scores = clustered_boxes(n, generator, device, dtype)
+        rows.append((
+            f"nms, {n} boxes, IoU {threshold}",
+            lambda b=boxes, s=scores, t=threshold: tv_ops.nms(b, s, t),
+            lambda b=boxes, s=scores, t=threshold: our_nms.nms(b, s, t),
+        ))
+    for n in (5000, 20000):
+        boxes, scores = clustered_boxes(n, generator, device, dtype)
+        classes = torch.randint(0, 80, (n,), generator=generator).to(device)
+        rows.append((
+            f"batched_nms, {n} boxes, 80 classes, IoU 0.5",
+            lambda b=boxes, s=scores, c=classes: tv_ops.batched_nms(b, s, c, 0.5),
+            lambda b=boxes, s=scores, c=classes: our_nms.batched_nms(b, s, c, 0.5),
+        ))
+    batch, channels, height, width = 2, 256, IMAGE_H // 4, IMAGE_W // 4
+    features = torch.randn(batch, channels, height, width, generator=generator).to(device, dtype)
+    shape = (batch, channels, height, width)
+    for k in (1000, 4000):
+        rois = rois_on_map(k, batch, generator, device, dtype)
+        for size in (7, 14):
+            args = (rois, 0.25, size, size)
+            grad = torch.randn(k, channels, size, size, generator=generator).to(device, dtype)
+            rows.append((
+                f"roi_align forward, {k} RoIs, {size}x{size}",
+                lambda a=args: tv_ops.roi_align(features, a[0], (a[2], a[3]), a[1], 2, False),
+                lambda a=args: our_roialign.roi_align(features, a[0], (a[2], a[3]), a[1], 2, False),
+            ))
+            rows.append((
+                f"roi_align backward, {k} RoIs, {size}x{size}",
+                lambda a=args, g=grad: torch.ops.torchvision._roi_align_backward(g, *a, *shape, 2, False),
+                lambda a=args, g=grad: torch.ops.maskrcnn.roi_align_backward(g, *a, *shape, 2, False, False),
+            ))
+    return rows
+
+
+def table(device, dtype, repeats):
+    generator = torch.Generator().manual_seed(0)
+    lines = [
+        f"### {device.type}, {str(dtype).replace('torch.', '')}",
+        "",
+        "| case | torchvision ms | ours ms | torchvision / ours |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, theirs, ours in cases(device, dtype, generator):
+        t_ours = median_ms(ours, device, repeats)
+        try:
+            t_theirs = median_ms(theirs, device, repeats)
+        except (RuntimeError, NotImplementedError):  # e.g. no bfloat16 kernel in torchvision
+            lines.append(f"| {name} | not supported | {t_ours:.2f} | - |")
+        else:
+            lines.append(f"| {name} | {t_theirs:.2f} | {t_ours:.2f} | {t_theirs / t_ours:.1f}x |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    args = parser.parse_args()
+    runs = []
+    if args.device in ("cpu", "all"):
+        runs.append((torch.device("cpu"), torch.float32))
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        runs += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.bfloat16)]
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    print(f"{datetime.date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    for device, dtype in runs:
+        print()
+        print(table(device, dtype, args.repeats))
+
+
+if __name__ == "__main__":
+    main()

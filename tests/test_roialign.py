@@ -1,0 +1,713 @@
+"""Tests of roialign.roi_align / RoIAlign (torch.ops.maskrcnn.roi_align and roi_align_backward).
+
+The specification is torchvision.ops.roi_align. Expected values come from torchvision, from a plain
+PyTorch float64 reference of the RoIAlign formula written here, or from hand computation; never from
+the code under test (except where a test checks that two ways of calling it agree).
+"""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch.testing import assert_close
+
+import roialign
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+SAMPLING_RATIOS = [-1, 0, 1, 2, 4]
+SPATIAL_SCALES = [1.0, 0.5, 0.25, 1 / 32]
+OUTPUT_SIZES = [(7, 7), (14, 14), (3, 5)]
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+# CUDA gradients are summed with atomic adds (or, deterministic, in another order than on CPU).
+GRAD_TOLERANCE_CUDA = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def random_rois(k, batch, height, width, spatial_scale, dtype=torch.float32):
+    """[k, 5] RoIs (batch index, x1, y1, x2, y2) in image coordinates (the map is height x width at
+    `spatial_scale`), with random non-integer corners. The first rows are one of each kind, in order:
+    inside the map, partly outside, fully outside, zero width, zero height, a point, inverted
+    (x2 < x1 and y2 < y1); the other rows get a random kind. Uses the global RNG."""
+    size = torch.tensor([width, height], dtype=torch.float64) / spatial_scale  # image (w, h)
+    low = torch.rand(k, 2, dtype=torch.float64) * size * 0.9
+    extent = (0.05 + 0.6 * torch.rand(k, 2, dtype=torch.float64)) * size
+    kind = torch.randint(0, 7, (k,))
+    kind[: min(k, 7)] = torch.arange(min(k, 7))
+    # Partly outside: corners from 40% of the image before it to its far side.
+    partly = kind == 1
+    low[partly] = (torch.rand(int(partly.sum()), 2, dtype=torch.float64) * 1.4 - 0.4) * size
+    # Fully outside: starting beyond the bottom-right corner, or ending before the top-left one.
+    outside = kind == 2
+    margin = (0.05 + 0.5 * torch.rand(int(outside.sum()), 2, dtype=torch.float64)) * size
+    beyond, before = size + margin, -margin - extent[outside]
+    low[outside] = torch.where(torch.rand(int(outside.sum()), 1) < 0.5, beyond, before)
+    high = low + extent
+    high[kind == 3, 0] = low[kind == 3, 0]  # zero width
+    high[kind == 4, 1] = low[kind == 4, 1]  # zero height
+    high[kind == 5] = low[kind == 5]  # a point
+    inverted = kind == 6
+    low[inverted], high[inverted] = high[inverted], low[inverted].clone()
+    index = torch.randint(0, batch, (k, 1)).to(torch.float64)
+    return torch.cat([index, low, high], dim=1).to(dtype)
+
+
+def bilinear(image, y, x):
+    """torchvision's bilinear sample of image [C, H, W] at (y, x): 0 outside [-1, H] x [-1, W],
+    negatives clamped to 0, the last row/column clamped."""
+    _, height, width = image.shape
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return image.new_zeros(image.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * image[:, y_low, x_low]
+        + hy * lx * image[:, y_low, x_high]
+        + ly * hx * image[:, y_high, x_low]
+        + ly * lx * image[:, y_high, x_high]
+    )
+
+
+def reference_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """RoIAlign written out in float64 with Python loops (differentiable with respect to input)."""
+    pooled_h, pooled_w = output_size
+    channels = input.shape[1]
+    input = input.double()
+    outputs = []
+    for roi in rois.double().tolist():
+        image = input[int(roi[0])]
+        offset = 0.5 if aligned else 0.0
+        start_x, start_y = roi[1] * spatial_scale - offset, roi[2] * spatial_scale - offset
+        width = roi[3] * spatial_scale - offset - start_x
+        height = roi[4] * spatial_scale - offset - start_y
+        if not aligned:  # the original RoIAlign: at least 1x1
+            width, height = max(width, 1.0), max(height, 1.0)
+        bin_h, bin_w = height / pooled_h, width / pooled_w
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height / pooled_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width / pooled_w)
+        count = max(grid_h * grid_w, 1)
+        bins = []
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                total = input.new_zeros(channels)
+                for iy in range(grid_h):  # an empty range when grid_h <= 0
+                    y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        total = total + bilinear(image, y, x)
+                bins.append(total / count)
+        outputs.append(torch.stack(bins, dim=1).reshape(channels, pooled_h, pooled_w))
+    if not outputs:
+        return input.new_zeros(0, channels, pooled_h, pooled_w)
+    return torch.stack(outputs)
+
+
+def forward_backward(fn, x, grad=None, seed=0):
+    """fn(x) and d(sum(fn(x) * grad))/dx for a fresh leaf copy of x; grad is random when not given."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    if grad is None:
+        generator = torch.Generator().manual_seed(seed)
+        grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype).to(out.device)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+class deterministic_algorithms:
+    """Context manager: torch.use_deterministic_algorithms(mode), restored on exit."""
+
+    def __init__(self, mode=True):
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(self.mode)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against torchvision
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS)
+def test_matches_torchvision(sampling_ratio, aligned, spatial_scale, dtype):
+    torch.manual_seed(1000 + 100 * sampling_ratio + 10 * aligned + int(1 / spatial_scale))
+    x = torch.randn(2, 8, 40, 50, dtype=dtype)
+    for k in (0, 1, 7, 100):
+        rois = random_rois(k, 2, 40, 50, spatial_scale, dtype)
+        for output_size in OUTPUT_SIZES:
+            case = f"k={k}, output_size={output_size}"
+            args = (output_size, spatial_scale, sampling_ratio, aligned)
+            out, grad = forward_backward(lambda t, r=rois, a=args: roialign.roi_align(t, r, *a), x)
+            expected, expected_grad = forward_backward(
+                lambda t, r=rois, a=args: torchvision.ops.roi_align(t, r, *a), x
+            )
+            assert out.shape == (k, 8, *output_size) and out.dtype == dtype
+            assert_close(out, expected, **TOLERANCE[dtype], msg=lambda m, c=case: f"forward, {c}: {m}")
+            assert_close(grad, expected_grad, **TOLERANCE[dtype], msg=lambda m, c=case: f"backward, {c}: {m}")
+
+
+def test_list_rois_equal_tensor_rois():
+    torch.manual_seed(7)
+    x = torch.randn(3, 4, 20, 24)
+    per_image = [random_rois(k, 1, 20, 24, 0.5)[:, 1:] for k in (5, 0, 9)]  # image 1 has no RoI
+    rois = torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(per_image)]
+    )
+    assert torch.equal(roialign.boxes_to_rois(per_image), rois)
+    for aligned in (False, True):
+        from_list = roialign.roi_align(x, per_image, (5, 6), 0.5, 2, aligned)
+        from_tensor = roialign.roi_align(x, rois, (5, 6), 0.5, 2, aligned)
+        assert from_list.shape == (14, 4, 5, 6)
+        assert torch.equal(from_list, from_tensor)
+        assert_close(
+            from_list, torchvision.ops.roi_align(x, per_image, (5, 6), 0.5, 2, aligned), **TOLERANCE[x.dtype]
+        )
+
+
+def test_module_matches_function():
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 16, 16)
+    rois = random_rois(12, 2, 16, 16, 0.25)
+    module = roialign.RoIAlign((4, 3), spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    assert torch.equal(module(x, rois), roialign.roi_align(x, rois, (4, 3), 0.25, 2, True))
+    assert_close(
+        module(x, rois), torchvision.ops.roi_align(x, rois, (4, 3), 0.25, 2, True), **TOLERANCE[x.dtype]
+    )
+    assert "output_size=(4, 3)" in repr(module) and "aligned=True" in repr(module)
+    square = roialign.RoIAlign(5, 0.25)
+    assert square.output_size == (5, 5)
+    assert torch.equal(square(x, rois), roialign.roi_align(x, rois, (5, 5), 0.25, -1, False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the float64 reference
+
+
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3])
+def test_matches_reference(sampling_ratio, aligned, spatial_scale):
+    torch.manual_seed(200 + 10 * sampling_ratio + 2 * aligned + int(spatial_scale * 2))
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    rois = random_rois(8, 2, 9, 11, spatial_scale, torch.float64)
+    for output_size in ((3, 4), (2, 2)):
+        args = (output_size, spatial_scale, sampling_ratio, aligned)
+        expected, expected_grad = forward_backward(lambda t, a=args: reference_roi_align(t, rois, *a), x)
+        out, grad = forward_backward(lambda t, a=args: roialign.roi_align(t, rois, *a), x)
+        assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
+        # float32 input and RoIs: the same up to float32 rounding.
+        out32, grad32 = forward_backward(lambda t, a=args: roialign.roi_align(t, rois.float(), *a), x.float())
+        assert out32.dtype == torch.float32
+        assert_close(out32.double(), expected, atol=1e-4, rtol=1e-4)
+        assert_close(grad32.double(), expected_grad, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hand-computed values
+#
+# On input[0, 0, y, x] = 5y + x (arange(25) as 5x5), bilinear interpolation of this affine function is
+# exact, so a sample at (y, x) with 0 <= y, x <= 4 reads 5y + x, and a bin reads 5 * mean(y) + mean(x)
+# over its samples.
+
+ARANGE_5X5 = torch.arange(25, dtype=torch.float64).reshape(1, 1, 5, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hand_computed_detectron2_case(dtype):
+    # Box [1, 1, 3, 3], 4x4 bins of 0.5, 2x2 samples per bin at +0.125 and +0.375 within the bin: the
+    # sample mean of bin p along an axis is start + 0.5 p + 0.25.
+    # aligned=False: start = 1    -> out[ph, pw] = 5 (1.25 + 0.5 ph) + (1.25 + 0.5 pw) = 7.5 + 2.5 ph + 0.5 pw
+    # aligned=True:  start = 0.5  -> out[ph, pw] = 5 (0.75 + 0.5 ph) + (0.75 + 0.5 pw) = 4.5 + 2.5 ph + 0.5 pw
+    # The first rows are detectron2's known values [7.5, 8, 8.5, 9] and [4.5, 5, 5.5, 6].
+    x = ARANGE_5X5.to(dtype)
+    rois = torch.tensor([[0, 1, 1, 3, 3]], dtype=dtype)
+    not_aligned = [
+        [7.5, 8.0, 8.5, 9.0],
+        [10.0, 10.5, 11.0, 11.5],
+        [12.5, 13.0, 13.5, 14.0],
+        [15.0, 15.5, 16.0, 16.5],
+    ]
+    aligned = [[4.5, 5.0, 5.5, 6.0], [7.0, 7.5, 8.0, 8.5], [9.5, 10.0, 10.5, 11.0], [12.0, 12.5, 13.0, 13.5]]
+    out = roialign.roi_align(x, rois, 4, spatial_scale=1.0, sampling_ratio=2, aligned=False)
+    assert_close(out, torch.tensor([[not_aligned]], dtype=dtype), atol=1e-6, rtol=0)
+    out = roialign.roi_align(x, rois, 4, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    assert_close(out, torch.tensor([[aligned]], dtype=dtype), atol=1e-6, rtol=0)
+    # The same box in an image at twice the resolution (spatial_scale 0.5) pools the same values.
+    out = roialign.roi_align(x, rois * torch.tensor([1, 2, 2, 2, 2], dtype=dtype), 4, 0.5, 2, False)
+    assert_close(out, torch.tensor([[not_aligned]], dtype=dtype), atol=1e-6, rtol=0)
+    # Every sample lies inside the map and a bin's weights sum to 1: d(sum out)/d input sums to 16.
+    _, grad = forward_backward(
+        lambda t: roialign.roi_align(t, rois, 4, 1.0, 2, False), x, torch.ones(1, 1, 4, 4)
+    )
+    assert grad.sum().item() == pytest.approx(16.0)
+
+
+# (box, output size, sampling ratio, aligned, expected, derivation)
+HAND_CASES = [
+    # Last row/column: samples at 3.5 and 4.5 per axis; 4.5 <= H = 5 is kept but clamped to 4:
+    # mean y = mean x = (3.5 + 4) / 2 = 3.75 -> 5 * 3.75 + 3.75 = 22.5.
+    ([3, 3, 5, 5], 1, 2, False, [[22.5]]),
+    # Left of the map: width 4, x samples at -2 (< -1: contributes 0, still counted) and 0;
+    # y samples 0.25 and 0.75. (1.25 + 3.75 + 0 + 0) / 4 = 1.25.
+    ([-3, 0, 1, 1], 1, 2, False, [[1.25]]),
+    # x samples at -0.5 (in [-1, 0): clamped to 0) and 0.5; y at 0.25, 0.75:
+    # (1.25 + 1.75 + 3.75 + 4.25) / 4 = 2.75.
+    ([-1, 0, 1, 1], 1, 2, False, [[2.75]]),
+    # Adaptive grid: bins of 2 -> ceil(4 / 2) = 2 samples per axis at 0.5, 1.5 (bin 0) and 2.5, 3.5
+    # (bin 1): means 1 and 3 -> [[5 + 1, 5 + 3], [15 + 1, 15 + 3]].
+    ([0, 0, 4, 4], 2, -1, False, [[6.0, 8.0], [16.0, 18.0]]),
+    # A point, not aligned: the RoI is widened to 1x1 -> samples at 2.25, 2.75 -> 5 * 2.5 + 2.5 = 15.
+    ([2, 2, 2, 2], 1, 2, False, [[15.0]]),
+    # A point, aligned: zero-size bins, all 4 samples at (1.5, 1.5) -> 9.
+    ([2, 2, 2, 2], 1, 2, True, [[9.0]]),
+    # A point, aligned, adaptive: ceil(0) = 0 samples -> 0 (count 1).
+    ([2, 2, 2, 2], 1, -1, True, [[0.0]]),
+    # Inverted, aligned, adaptive: ceil(-2) < 1 sample -> 0.
+    ([3, 3, 1, 1], 1, -1, True, [[0.0]]),
+    # Inverted, not aligned: widened to 1x1 from (3, 3): samples 3.25, 3.75 -> 5 * 3.5 + 3.5 = 21.
+    ([3, 3, 1, 1], 1, 2, False, [[21.0]]),
+    # Entirely beyond the map (every sample > 5): 0.
+    ([6.5, 6.5, 9, 9], 1, 2, True, [[0.0]]),
+]
+
+
+@pytest.mark.parametrize("box, output_size, sampling_ratio, aligned, expected", HAND_CASES)
+def test_hand_computed_borders_and_degenerate(box, output_size, sampling_ratio, aligned, expected):
+    rois = torch.tensor([[0.0, *box]], dtype=torch.float64)
+    out = roialign.roi_align(ARANGE_5X5, rois, output_size, 1.0, sampling_ratio, aligned)
+    assert_close(out, torch.tensor([[expected]], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_hand_computed_gradient_of_outside_samples():
+    # Box [-3, 0, 1, 1] above: of its 4 samples (weight 1/4 each), the two at x = -2 are outside and
+    # give no gradient; the two at (0.25, 0) and (0.75, 0) split 1/4 each between rows 0 and 1 of
+    # column 0: row 0 gets 1/4 * (0.75 + 0.25) = 0.25, row 1 the same.
+    rois = torch.tensor([[0.0, -3, 0, 1, 1]], dtype=torch.float64)
+    _, grad = forward_backward(
+        lambda t: roialign.roi_align(t, rois, 1, 1.0, 2, False),
+        ARANGE_5X5,
+        torch.ones(1, 1, 1, 1, dtype=torch.float64),
+    )
+    expected = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
+    expected[0, 0, 0, 0] = expected[0, 0, 1, 0] = 0.25
+    assert_close(grad, expected, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradcheck, determinism, layouts, low precision
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_gradcheck(aligned, sampling_ratio):
+    torch.manual_seed(300 + aligned + sampling_ratio)
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    # Random non-integer boxes on both images, some crossing the borders.
+    rois = random_rois(6, 2, 6, 7, 0.5, torch.float64)
+    rois[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    assert torch.autograd.gradcheck(
+        lambda t: roialign.roi_align(t, rois, (2, 3), 0.5, sampling_ratio, aligned), (x,), eps=1e-6, atol=1e-7
+    )
+
+
+def _grad_for_determinism(x, rois):
+    return forward_backward(lambda t: roialign.roi_align(t, rois, (7, 7), 0.25, -1, True), x, seed=1)[1]
+
+
+def test_deterministic_backward_equals_normal():
+    torch.manual_seed(400)
+    x = torch.randn(2, 16, 30, 30)
+    rois = random_rois(300, 2, 30, 30, 0.25)  # many overlapping RoIs add into the same pixels
+    normal = _grad_for_determinism(x, rois)
+    with deterministic_algorithms(True):
+        first = _grad_for_determinism(x, rois)
+        second = _grad_for_determinism(x, rois)
+    assert not torch.are_deterministic_algorithms_enabled()
+    # The CPU backward is always the deterministic one: bitwise equal.
+    assert torch.equal(first, second)
+    assert torch.equal(first, normal)
+    # The op's flag, passed directly, changes nothing on CPU either.
+    grad = torch.randn(300, 16, 7, 7)
+    args = (rois, 0.25, 7, 7, 2, 16, 30, 30, -1, True)
+    atomic = torch.ops.maskrcnn.roi_align_backward(grad, *args, False)
+    assert torch.equal(torch.ops.maskrcnn.roi_align_backward(grad, *args, True), atomic)
+    expected = forward_backward(lambda t: torchvision.ops.roi_align(t, rois, 7, 0.25, -1, True), x, grad)[1]
+    assert_close(atomic, expected, **TOLERANCE[torch.float32])
+
+
+def test_cpu_result_independent_of_thread_count():
+    torch.manual_seed(401)
+    x = torch.randn(2, 40, 20, 20)
+    rois = random_rois(200, 2, 20, 20, 0.5)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(
+                forward_backward(lambda t: roialign.roi_align(t, rois, 5, 0.5, 2, False), x, seed=2)
+            )
+    finally:
+        torch.set_num_threads(previous)
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_and_non_contiguous_input(dtype):
+    torch.manual_seed(402)
+    x = torch.randn(2, 6, 18, 22, dtype=dtype)
+    rois = random_rois(40, 2, 18, 22, 0.5, dtype)
+
+    def fn(t):
+        return roialign.roi_align(t, rois, (4, 5), 0.5, 2, True)
+
+    expected, expected_grad = forward_backward(fn, x, seed=3)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    out, grad = forward_backward(fn, channels_last, seed=3)
+    assert_close(out, expected, **TOLERANCE[dtype])
+    assert_close(grad, expected_grad, **TOLERANCE[dtype])
+    # A strided view (every other channel of a wider map): the same values as its contiguous copy.
+    wide = torch.randn(2, 12, 18, 22, dtype=dtype)
+    view = wide[:, ::2]
+    expected, expected_grad = forward_backward(fn, view.contiguous(), seed=4)
+    out, grad = forward_backward(fn, view, seed=4)
+    assert_close(out, expected, **TOLERANCE[dtype])
+    assert_close(grad, expected_grad, **TOLERANCE[dtype])
+
+
+LOW_PRECISION = {torch.float16: dict(atol=5e-3, rtol=5e-3), torch.bfloat16: dict(atol=4e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_low_precision(dtype):
+    torch.manual_seed(403)
+    x = torch.randn(2, 4, 16, 20)
+    rois = random_rois(30, 2, 16, 20, 0.5)
+    grad = torch.randn(30, 4, 7, 7)
+
+    def fn(boxes):
+        return lambda t: roialign.roi_align(t, boxes, 7, 0.5, 2, False)
+
+    expected, expected_grad = forward_backward(fn(rois), x, grad)
+    out, input_grad = forward_backward(fn(rois), x.to(dtype), grad.to(dtype))
+    assert out.dtype == dtype and input_grad.dtype == dtype
+    assert_close(out.float(), expected, **LOW_PRECISION[dtype])
+    assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])
+    # RoIs in the low precision too: compared with float32 on the same (rounded) RoIs.
+    rounded = rois.to(dtype)
+    out = roialign.roi_align(x.to(dtype), rounded, 7, 0.5, 2, False)
+    assert out.dtype == dtype
+    assert_close(
+        out.float(), roialign.roi_align(x, rounded.float(), 7, 0.5, 2, False), **LOW_PRECISION[dtype]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile and torch.library.opcheck
+
+
+def test_torch_compile_forward_matches_eager():
+    torch.manual_seed(500)
+    x = torch.randn(2, 4, 24, 24)
+    rois = random_rois(20, 2, 24, 24, 0.25)
+
+    def pool(features, boxes):
+        return roialign.roi_align(features, boxes, (7, 7), 0.25, 2, True).relu()
+
+    compiled = torch.compile(pool, fullgraph=True, dynamic=False)
+    assert_close(compiled(x, rois), pool(x, rois), atol=1e-6, rtol=1e-6)
+    assert_close(
+        compiled(x, rois), torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True).relu(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_torch_compile_backward_matches_eager():
+    # Training through a compiled model: the backward graph calls roi_align_backward, whose fake
+    # implementation must describe the real output (shape and strides) for inductor.
+    torch.manual_seed(501)
+    x = torch.randn(2, 4, 24, 24)
+    rois = random_rois(20, 2, 24, 24, 0.25)
+
+    def pool(features):
+        return roialign.roi_align(features, rois, (7, 7), 0.25, 2, True)
+
+    compiled = torch.compile(pool, fullgraph=True, dynamic=False)
+    out, grad = forward_backward(compiled, x, seed=5)
+    expected, expected_grad = forward_backward(pool, x, seed=5)
+    assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_opcheck_roi_align(aligned):
+    # Schema, fake implementation and autograd registration of the forward op.
+    torch.manual_seed(502)
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(5, 2, 10, 12, 0.5, torch.float64)
+    torch.library.opcheck(torch.ops.maskrcnn.roi_align.default, (x, rois, 0.5, 3, 4, 2, aligned))
+    x = x.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.maskrcnn.roi_align.default, (x, rois.float(), 0.5, 7, 7, -1, aligned))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_roi_align_backward(deterministic):
+    # The backward op on its own: its fake output must match the real one (including strides).
+    torch.manual_seed(503)
+    rois = random_rois(5, 2, 10, 12, 0.5, torch.float64)
+    grad = torch.randn(5, 3, 3, 4, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.maskrcnn.roi_align_backward.default,
+        (grad, rois, 0.5, 3, 4, 2, 3, 10, 12, 2, True, deterministic),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _x():
+    return torch.randn(2, 3, 8, 8)
+
+
+def _rois(batch_index=0.0, dtype=torch.float32):
+    return torch.tensor([[batch_index, 1.0, 1.0, 5.0, 6.0]], dtype=dtype)
+
+
+BAD_INPUTS = [
+    # (id, input, rois, output_size, spatial_scale, argument named in the message)
+    ("input 3-D", lambda: torch.randn(3, 8, 8), _rois, 2, 1.0, "input"),
+    ("input 5-D", lambda: torch.randn(1, 2, 3, 8, 8), _rois, 2, 1.0, "input"),
+    ("input integer", lambda: torch.zeros(2, 3, 8, 8, dtype=torch.int64), _rois, 2, 1.0, "input"),
+    ("input not a tensor", lambda: [[[[0.0]]]], _rois, 2, 1.0, "input"),
+    ("rois [K, 4]", _x, lambda: torch.rand(3, 4), 2, 1.0, "rois"),
+    ("rois [K, 6]", _x, lambda: torch.rand(3, 6), 2, 1.0, "rois"),
+    ("rois 1-D", _x, lambda: torch.rand(5), 2, 1.0, "rois"),
+    ("rois integer", _x, lambda: _rois().long(), 2, 1.0, "rois"),
+    ("rois negative batch index", _x, lambda: _rois(-1.0), 2, 1.0, "rois"),
+    ("rois batch index == N", _x, lambda: _rois(2.0), 2, 1.0, "rois"),
+    ("rois batch index > N", _x, lambda: torch.cat([_rois(0.0), _rois(7.0)]), 2, 1.0, "rois"),
+    ("rois list with a [K, 5]", _x, lambda: [torch.rand(2, 5), torch.rand(1, 4)], 2, 1.0, "rois"),
+    ("rois list with a 1-D", _x, lambda: [torch.rand(2, 4), torch.rand(4)], 2, 1.0, "rois"),
+    ("rois list with a non-tensor", _x, lambda: [torch.rand(2, 4), [[0.0, 0.0, 1.0, 1.0]]], 2, 1.0, "rois"),
+    ("rois list with integers", _x, lambda: [torch.zeros(2, 4, dtype=torch.int64)], 2, 1.0, "rois"),
+    ("rois empty list", _x, lambda: [], 2, 1.0, "rois"),
+    ("output_size 0", _x, _rois, 0, 1.0, "output_size"),
+    ("output_size negative", _x, _rois, -3, 1.0, "output_size"),
+    ("output_size (0, 3)", _x, _rois, (0, 3), 1.0, "output_size"),
+    ("output_size (3, -1)", _x, _rois, (3, -1), 1.0, "output_size"),
+    ("output_size one value", _x, _rois, (3,), 1.0, "output_size"),
+    ("output_size three values", _x, _rois, (3, 3, 3), 1.0, "output_size"),
+    ("spatial_scale 0", _x, _rois, 2, 0.0, "spatial_scale"),
+    ("spatial_scale negative", _x, _rois, 2, -0.25, "spatial_scale"),
+    ("spatial_scale nan", _x, _rois, 2, float("nan"), "spatial_scale"),
+]
+
+
+@pytest.mark.parametrize(
+    "make_input, make_rois, output_size, spatial_scale, name",
+    [c[1:] for c in BAD_INPUTS],
+    ids=[c[0] for c in BAD_INPUTS],
+)
+def test_bad_input_raises_value_error(make_input, make_rois, output_size, spatial_scale, name):
+    with pytest.raises(ValueError, match=rf"(^|: ){name}\b"):
+        roialign.roi_align(make_input(), make_rois(), output_size, spatial_scale)
+
+
+def test_module_rejects_bad_output_size():
+    with pytest.raises(ValueError, match=r"^output_size\b"):
+        roialign.RoIAlign(0)
+    with pytest.raises(ValueError, match=r"^output_size\b"):
+        roialign.RoIAlign((2, 0))
+
+
+def test_ops_check_their_inputs_in_cpp():
+    # Called directly, without the Python checks: an error, never a crash or an out-of-bounds read.
+    x, grad = _x(), torch.randn(1, 3, 2, 2)
+    for index in (-1.0, 2.0, 1e9):
+        with pytest.raises(RuntimeError, match=r"\brois\b"):
+            torch.ops.maskrcnn.roi_align(x, _rois(index), 1.0, 2, 2, -1, False)
+        with pytest.raises(RuntimeError, match=r"\brois\b"):
+            torch.ops.maskrcnn.roi_align_backward(grad, _rois(index), 1.0, 2, 2, 2, 3, 8, 8, -1, False, False)
+    with pytest.raises(RuntimeError, match=r"\brois\b"):
+        torch.ops.maskrcnn.roi_align(x, torch.rand(1, 4), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\brois\b"):
+        torch.ops.maskrcnn.roi_align(x, _rois().long(), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\binput\b"):
+        torch.ops.maskrcnn.roi_align(torch.randn(3, 8, 8), _rois(), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\binput\b"):
+        torch.ops.maskrcnn.roi_align(x.long(), _rois(), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\boutput_size\b"):
+        torch.ops.maskrcnn.roi_align(x, _rois(), 1.0, 0, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\bspatial_scale\b"):
+        torch.ops.maskrcnn.roi_align(x, _rois(), 0.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"\bgrad\b"):
+        torch.ops.maskrcnn.roi_align_backward(grad, _rois(), 1.0, 3, 3, 2, 3, 8, 8, -1, False, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
+def test_cuda_matches_cpu_and_torchvision(sampling_ratio, aligned, dtype):
+    torch.manual_seed(600 + sampling_ratio + 10 * aligned)
+    x = torch.randn(2, 8, 40, 50, dtype=dtype)
+    for spatial_scale in (1.0, 0.25):
+        for k in (0, 1, 100):
+            rois = random_rois(k, 2, 40, 50, spatial_scale, dtype)
+            rois_gpu = rois.cuda()
+            for output_size in ((7, 7), (3, 5)):
+                case = f"k={k}, output_size={output_size}, spatial_scale={spatial_scale}"
+                args = (output_size, spatial_scale, sampling_ratio, aligned)
+                cpu, cpu_grad = forward_backward(lambda t, r=rois, a=args: roialign.roi_align(t, r, *a), x)
+                gpu, gpu_grad = forward_backward(
+                    lambda t, r=rois_gpu, a=args: roialign.roi_align(t, r, *a), x.cuda()
+                )
+                tv, tv_grad = forward_backward(
+                    lambda t, r=rois_gpu, a=args: torchvision.ops.roi_align(t, r, *a), x.cuda()
+                )
+                assert gpu.device.type == "cuda" and gpu.dtype == dtype
+                tol, grad_tol = TOLERANCE[dtype], GRAD_TOLERANCE_CUDA[dtype]
+                assert_close(gpu.cpu(), cpu, **tol, msg=lambda m, c=case: f"forward vs CPU, {c}: {m}")
+                assert_close(gpu, tv, **tol, msg=lambda m, c=case: f"forward vs torchvision, {c}: {m}")
+                assert_close(
+                    gpu_grad.cpu(), cpu_grad, **grad_tol, msg=lambda m, c=case: f"grad vs CPU, {c}: {m}"
+                )
+                assert_close(
+                    gpu_grad, tv_grad, **grad_tol, msg=lambda m, c=case: f"grad vs torchvision, {c}: {m}"
+                )
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision(dtype):
+    torch.manual_seed(601)
+    x = torch.randn(2, 8, 32, 32, device="cuda")
+    rois = random_rois(60, 2, 32, 32, 0.25).cuda()
+    grad = torch.randn(60, 8, 7, 7, device="cuda")
+
+    def fn(t):
+        return roialign.roi_align(t, rois, 7, 0.25, 2, True)
+
+    expected, expected_grad = forward_backward(fn, x, grad)
+    out, input_grad = forward_backward(fn, x.to(dtype), grad.to(dtype))
+    assert out.dtype == dtype and input_grad.dtype == dtype
+    assert_close(out.float(), expected, **LOW_PRECISION[dtype])
+    assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])
+    # Channels-last low-precision input takes the other kernel layout: same values.
+    out_cl, grad_cl = forward_backward(
+        fn, x.to(dtype).contiguous(memory_format=torch.channels_last), grad.to(dtype)
+    )
+    assert_close(out_cl.float(), expected, **LOW_PRECISION[dtype])
+    assert_close(grad_cl.float(), expected_grad, **LOW_PRECISION[dtype])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_channels_last(dtype):
+    torch.manual_seed(602)
+    x = torch.randn(2, 32, 24, 28, dtype=dtype, device="cuda")
+    rois = random_rois(50, 2, 24, 28, 0.5, dtype).cuda()
+
+    def fn(t):
+        return roialign.roi_align(t, rois, (5, 4), 0.5, -1, False)
+
+    expected, expected_grad = forward_backward(fn, x, seed=6)
+    out, grad = forward_backward(fn, x.contiguous(memory_format=torch.channels_last), seed=6)
+    assert_close(out, expected, **TOLERANCE[dtype])
+    assert_close(grad, expected_grad, **GRAD_TOLERANCE_CUDA[dtype])
+    assert_close(
+        out.cpu(), roialign.roi_align(x.cpu(), rois.cpu(), (5, 4), 0.5, -1, False), **TOLERANCE[dtype]
+    )
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_deterministic_backward(dtype):
+    torch.manual_seed(603)
+    x = torch.randn(2, 16, 30, 30, dtype=dtype, device="cuda")
+    rois = random_rois(400, 2, 30, 30, 0.25, dtype).cuda()  # many RoIs over the same pixels
+
+    def grad_of(t):
+        return _grad_for_determinism(t, rois)
+
+    atomic = grad_of(x)
+    with deterministic_algorithms(True):
+        first = grad_of(x)
+        second = grad_of(x)
+        first_cl = grad_of(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(first, second)
+    assert torch.equal(first, first_cl)
+    assert_close(first, atomic, **GRAD_TOLERANCE_CUDA[dtype])
+    assert_close(first.cpu(), _grad_for_determinism(x.cpu(), rois.cpu()), **GRAD_TOLERANCE_CUDA[dtype])
+    # The op's flag directly, on an odd shape, against the CPU op.
+    grad = torch.randn(400, 16, 3, 5, dtype=dtype, device="cuda")
+    args = (0.25, 3, 5, 2, 16, 30, 30, 0, False)
+    det = torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, True)
+    assert torch.equal(det, torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, True))
+    cpu = torch.ops.maskrcnn.roi_align_backward(grad.cpu(), rois.cpu(), *args, True)
+    assert_close(det.cpu(), cpu, **GRAD_TOLERANCE_CUDA[dtype])
+    assert_close(
+        torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, False).cpu(),
+        cpu,
+        **GRAD_TOLERANCE_CUDA[dtype],
+    )
+
+
+@requires_cuda
+def test_cuda_rois_on_another_device_raise_value_error():
+    with pytest.raises(ValueError, match=r"(^|: )rois\b"):
+        roialign.roi_align(_x().cuda(), _rois(), 2)
+    with pytest.raises(ValueError, match=r"(^|: )rois\b"):
+        roialign.roi_align(_x(), _rois().cuda(), 2)
+    with pytest.raises(ValueError, match=r"(^|: )rois\b"):
+        roialign.roi_align(_x().cuda(), _rois(5.0).cuda(), 2)
+
+
+@requires_cuda
+def test_cuda_op_with_out_of_range_batch_index_gives_zeros():
+    # Without the Python check (as under torch.compile), the CUDA kernels never read outside the
+    # input: such RoIs pool zeros and get no gradient; the others are unaffected.
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    rois = torch.cat([_rois(0.0), _rois(5.0), _rois(-1.0), _rois(1.0)]).cuda()
+    out = torch.ops.maskrcnn.roi_align(x, rois, 1.0, 2, 2, -1, False)
+    assert torch.equal(out[1:3], torch.zeros_like(out[1:3]))
+    valid = rois[[0, 3]]
+    assert_close(out[[0, 3]], roialign.roi_align(x, valid, 2), **TOLERANCE[torch.float32])
+    for deterministic in (False, True):
+        grad = torch.ops.maskrcnn.roi_align_backward(
+            torch.ones_like(out), rois, 1.0, 2, 2, 2, 3, 8, 8, -1, False, deterministic
+        )
+        expected = torch.ops.maskrcnn.roi_align_backward(
+            torch.ones(2, 3, 2, 2, device="cuda"), valid, 1.0, 2, 2, 2, 3, 8, 8, -1, False, deterministic
+        )
+        assert_close(grad, expected, **TOLERANCE[torch.float32])
