@@ -25,6 +25,29 @@ void check_batch_indices(const at::Tensor& rois, int64_t batch_size, const char*
               ": rois[:, 0] (batch index) must be in [0, ", batch_size, "); got values from ", low, " to ", high);
 }
 
+// dst[b][j][i] = src[b][i][j] for `batch` matrices of rows x cols: NCHW <-> NHWC with rows, cols =
+// (C, H * W) or (H * W, C). Tiled so both sides are read and written in cache-sized pieces, and
+// parallel; several times faster here than a strided at::Tensor::contiguous().
+template <typename A>
+void transpose_matrices(const A* src, A* dst, int64_t batch, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 64;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
+  at::parallel_for(0, batch * row_tiles * col_tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (row_tiles * col_tiles);
+      const int64_t i0 = (tile / col_tiles) % row_tiles * kTile, j0 = tile % col_tiles * kTile;
+      const int64_t i1 = std::min(i0 + kTile, rows), j1 = std::min(j0 + kTile, cols);
+      const A* from = src + b * rows * cols;
+      A* to = dst + b * rows * cols;
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) {
+          to[j * rows + i] = from[i * cols + j];
+        }
+      }
+    }
+  });
+}
+
 template <typename A>
 void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t channels, int64_t height,
                    int64_t width, A spatial_scale, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
@@ -120,9 +143,16 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   if (K == 0 || C == 0 || H == 0 || W == 0) {
     return output.to(input.scalar_type());
   }
-  const at::Tensor nhwc = input.to(type).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor typed = input.to(type);
+  const bool channels_last = typed.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor source = channels_last ? typed : typed.contiguous();
+  // The kernel reads [N, H, W, C]: a channels-last input as it is, an NCHW one transposed.
+  const at::Tensor nhwc = channels_last ? source : at::empty({input.size(0), H, W, C}, source.options());
   const at::Tensor boxes = rois.to(type).contiguous();
   AT_DISPATCH_FLOATING_TYPES(type, "maskrcnn_roi_align_cpu", [&] {
+    if (!channels_last) {
+      transpose_matrices(source.data_ptr<scalar_t>(), nhwc.data_ptr<scalar_t>(), input.size(0), C, H * W);
+    }
     forward_typed<scalar_t>(nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H, W,
                             static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio, aligned,
                             output.data_ptr<scalar_t>());
@@ -142,20 +172,22 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
               pooled_w, "]; got ", grad.sizes());
   check_batch_indices(rois, batch_size, "roi_align_backward");
   const at::ScalarType type = compute_type(grad);
-  // [N, C, H, W] with channels-last strides.
-  at::Tensor grad_input =
-      at::zeros({batch_size, height, width, channels}, grad.options().dtype(type)).permute({0, 3, 1, 2});
   if (K == 0 || channels == 0 || height == 0 || width == 0) {
-    return grad_input.to(grad.scalar_type()).contiguous();
+    return at::zeros({batch_size, channels, height, width}, grad.options());
   }
+  // Accumulated as [N, H, W, C], returned as [N, C, H, W].
+  const at::Tensor grad_nhwc_input = at::zeros({batch_size, height, width, channels}, grad.options().dtype(type));
+  at::Tensor grad_input = at::empty({batch_size, channels, height, width}, grad.options().dtype(type));
   const at::Tensor grad_nhwc = grad.to(type).permute({0, 2, 3, 1}).contiguous();
   const at::Tensor boxes = rois.to(type).contiguous();
   AT_DISPATCH_FLOATING_TYPES(type, "maskrcnn_roi_align_backward_cpu", [&] {
     backward_typed<scalar_t>(grad_nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, channels, height,
                              width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio,
-                             aligned, grad_input.data_ptr<scalar_t>());
+                             aligned, grad_nhwc_input.data_ptr<scalar_t>());
+    transpose_matrices(grad_nhwc_input.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), batch_size,
+                       height * width, channels);
   });
-  return grad_input.to(grad.scalar_type()).contiguous();
+  return grad_input.to(grad.scalar_type());
 }
 
 }  // namespace
