@@ -1,0 +1,1033 @@
+"""Mask R-CNN (He et al., 2017, arXiv 1703.06870): ResNet-FPN backbone, RPN, RoIAlign, box and mask heads.
+
+The file reads top to bottom in the order data flows through the network:
+
+    images -> preprocessing (normalise, resize, pad) -> ResNet -> FPN (P2-P6)
+           -> anchors + RPN head -> proposals (decode, NMS per level)
+           -> pyramid RoIAlign -> box head -> class scores and boxes (post-processing, NMS per class)
+           -> pyramid RoIAlign -> mask head -> 28x28 masks -> pasted into the image
+
+Parameter names follow torchvision's `maskrcnn_resnet50_fpn` module tree, so its checkpoints load
+without renaming, and with the same weights the outputs are the same (see tests/test_model.py).
+Conventions: boxes are [N, (x1, y1, x2, y2)] in absolute pixels with no "+1" in widths; images given
+to `forward` are lists of [3, H, W] float tensors in [0, 1]; class 0 is background.
+"""
+
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import utils
+from config import Config
+from nms import batched_nms
+from roialign import roi_align
+
+logger = logging.getLogger(__name__)
+
+
+############################################################
+#  Normalisation layers
+############################################################
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (all buffers, nothing trains).
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, computed as x * scale + shift.
+    torchvision's COCO weights were converted with eps = 0, so reproducing them needs eps = 0.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # present in nn.BatchNorm2d checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, channels: int, frozen_eps: float = 1e-5) -> nn.Module:
+    """"frozen_bn", "bn" or "gn" (32 groups, as in Wu and He, 2018)."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d(channels, eps=frozen_eps)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"norm must be 'frozen_bn', 'bn' or 'gn'; got {kind!r}")
+
+
+def conv_norm_relu(in_channels: int, out_channels: int, norm: Optional[str] = None) -> nn.Sequential:
+    """3x3 conv (+ norm) + ReLU, named like torchvision's Conv2dNormActivation (".0" conv, ".1" norm)."""
+    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm is None)]
+    if norm is not None:
+        layers.append(make_norm(norm, out_channels))
+    layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+############################################################
+#  ResNet (torchvision layout: the stride is on the 3x3 conv, "ResNet v1.5")
+############################################################
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels, width, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
+        self.bn1 = norm(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = norm(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != width:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, stride, bias=False), norm(width))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, width, stride, norm):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = norm(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = norm(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = norm(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm(out_channels)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+RESNETS = {  # block, blocks per stage
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """The ResNet trunk without its classifier. Returns C2-C5 (strides 4, 8, 16, 32)."""
+
+    def __init__(self, name: str, norm):
+        super().__init__()
+        block, depths = RESNETS[name]
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_channels = 64
+        for stage, (width, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            blocks = []
+            for i in range(depth):
+                blocks.append(block(in_channels, width, 2 if i == 0 and stage > 0 else 1, norm))
+                in_channels = width * block.expansion
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.out_channels = [width * block.expansion for width in (64, 128, 256, 512)]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+    def freeze(self, trainable_layers: int):
+        """Trains only the top `trainable_layers` stages (layer4, layer3, ..., conv1)."""
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        if trainable_layers == 5:
+            trainable.append("bn1")
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(any(name.startswith(layer) for layer in trainable))
+
+
+############################################################
+#  Feature Pyramid Network (Lin et al., 2017)
+############################################################
+
+
+class FPN(nn.Module):
+    """P2-P5 from C2-C5 by lateral 1x1 convs and a nearest-neighbour top-down path, each smoothed by a
+    3x3 conv; P6 is a stride-2 subsampling of P5 (max-pool with kernel 1), used by the RPN only."""
+
+    def __init__(self, in_channels: list[int], channels: int, norm: Optional[str] = None):
+        super().__init__()
+
+        def conv(cin, kernel):
+            layers = [nn.Conv2d(cin, channels, kernel, padding=kernel // 2, bias=norm is None)]
+            if norm is not None:
+                layers.append(make_norm(norm, channels))
+            return nn.Sequential(*layers)
+
+        self.inner_blocks = nn.ModuleList(conv(c, 1) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(conv(channels, 3) for _ in in_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        inner = self.inner_blocks[-1](features[-1])
+        results = [self.layer_blocks[-1](inner)]
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.inner_blocks[i](features[i])
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            results.insert(0, self.layer_blocks[i](inner))
+        results.append(F.max_pool2d(results[-1], 1, 2, 0))  # P6
+        return results
+
+
+class Backbone(nn.Module):
+    """ResNet + FPN, as `backbone.body` and `backbone.fpn` (torchvision's names)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        eps = config.FROZEN_BN_EPS
+
+        def norm(channels):
+            return make_norm(config.NORM, channels, eps)
+
+        self.body = ResNet(config.BACKBONE, norm)
+        self.body.freeze(config.TRAINABLE_BACKBONE_LAYERS)
+        self.fpn = FPN(self.body.out_channels, config.FPN_CHANNELS, "bn" if config.VARIANT == "v2" else None)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.fpn(self.body(x))
+
+
+############################################################
+#  Image preprocessing: normalise, resize, pad into a batch
+############################################################
+
+
+class ImageBatch:
+    """Images normalised, resized and zero-padded into one tensor.
+
+    tensor: [N, 3, H, W], H and W multiples of the size divisor.
+    image_sizes: [(h, w)] of each resized image before padding.
+    original_sizes: [(h, w)] of each image as given.
+    """
+
+    def __init__(self, tensor: Tensor, image_sizes, original_sizes):
+        self.tensor = tensor
+        self.image_sizes = image_sizes
+        self.original_sizes = original_sizes
+
+
+def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+    """Scale that brings the shorter side to min_size unless the longer would exceed max_size."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None):
+    """Normalises with PIXEL_MEAN/STD, resizes (bilinear, as torchvision), pads to IMAGE_SIZE_DIVISOR.
+
+    Targets (training) are resized with their images: boxes scaled per axis, masks by nearest neighbour.
+    """
+    min_size = config.IMAGE_MIN_DIM if min_size is None else min_size
+    mean = torch.tensor(config.PIXEL_MEAN, dtype=images[0].dtype, device=images[0].device)[:, None, None]
+    std = torch.tensor(config.PIXEL_STD, dtype=images[0].dtype, device=images[0].device)[:, None, None]
+    resized, sizes, new_targets = [], [], []
+    for i, image in enumerate(images):
+        h, w = image.shape[-2:]
+        scale = resize_scale(h, w, min_size, config.IMAGE_MAX_DIM)
+        image = F.interpolate(
+            ((image - mean) / std)[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+            align_corners=False,
+        )[0]
+        resized.append(image)
+        sizes.append(tuple(image.shape[-2:]))
+        if targets is not None:
+            target = dict(targets[i])
+            ratio_h, ratio_w = image.shape[-2] / h, image.shape[-1] / w
+            target["boxes"] = target["boxes"] * torch.tensor(
+                [ratio_w, ratio_h, ratio_w, ratio_h], dtype=target["boxes"].dtype, device=image.device
+            )
+            if "masks" in target:
+                masks = target["masks"]
+                target["masks"] = F.interpolate(masks[:, None].float(), size=image.shape[-2:])[:, 0].byte()
+            new_targets.append(target)
+    divisor = config.IMAGE_SIZE_DIVISOR
+    height = int(math.ceil(max(s[0] for s in sizes) / divisor) * divisor)
+    width = int(math.ceil(max(s[1] for s in sizes) / divisor) * divisor)
+    batch = resized[0].new_zeros((len(images), 3, height, width))
+    for image, padded in zip(resized, batch):
+        padded[:, : image.shape[1], : image.shape[2]].copy_(image)
+    originals = [tuple(image.shape[-2:]) for image in images]
+    return ImageBatch(batch, sizes, originals), (new_targets if targets is not None else None)
+
+
+############################################################
+#  Anchors
+############################################################
+
+
+def cell_anchors(size: float, ratios, dtype, device) -> Tensor:
+    """[A, 4] anchors centred on (0, 0) for one size and every ratio (height / width), corners rounded
+    to integers as torchvision does."""
+    ratios = torch.as_tensor(ratios, dtype=dtype, device=device)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = w_ratios * size
+    hs = h_ratios * size
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def generate_anchors(features: list[Tensor], image_size, config: Config) -> Tensor:
+    """[sum over levels of H * W * A, 4] anchors for a padded batch image of `image_size` (h, w), in
+    (level, y, x, anchor) order. Stride = image size // feature size; no half-cell offset (torchvision)."""
+    anchors = []
+    for feature, size in zip(features, config.ANCHOR_SIZES):
+        grid_h, grid_w = feature.shape[-2:]
+        stride_h, stride_w = image_size[0] // grid_h, image_size[1] // grid_w
+        base = cell_anchors(size, config.ANCHOR_RATIOS, feature.dtype, feature.device)
+        shift_x = torch.arange(0, grid_w, dtype=torch.int32, device=feature.device) * stride_w
+        shift_y = torch.arange(0, grid_h, dtype=torch.int32, device=feature.device) * stride_h
+        shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
+        shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+        shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+        anchors.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+    return torch.cat(anchors)
+
+
+############################################################
+#  Box coding, IoU, matching, sampling
+############################################################
+
+BOX_DELTA_CLAMP = math.log(1000.0 / 16)  # the largest log-scale change of a box (Detectron)
+
+
+def encode_boxes(reference: Tensor, proposals: Tensor, weights) -> Tensor:
+    """Deltas [N, 4] (dx, dy, dw, dh) that turn `proposals` [N, 4] into `reference` [N, 4]."""
+    wx, wy, ww, wh = weights
+    ex_w = proposals[:, 2] - proposals[:, 0]
+    ex_h = proposals[:, 3] - proposals[:, 1]
+    ex_x = proposals[:, 0] + 0.5 * ex_w
+    ex_y = proposals[:, 1] + 0.5 * ex_h
+    gt_w = reference[:, 2] - reference[:, 0]
+    gt_h = reference[:, 3] - reference[:, 1]
+    gt_x = reference[:, 0] + 0.5 * gt_w
+    gt_y = reference[:, 1] + 0.5 * gt_h
+    return torch.stack(
+        (wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h, ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)),
+        dim=1,
+    )
+
+
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights) -> Tensor:
+    """Boxes [N, K, 4] from deltas [N, K * 4] applied to boxes [N, 4] (the inverse of encode_boxes)."""
+    boxes = boxes.to(deltas.dtype)
+    wx, wy, ww, wh = weights
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = torch.clamp(deltas[:, 2::4] / ww, max=BOX_DELTA_CLAMP)
+    dh = torch.clamp(deltas[:, 3::4] / wh, max=BOX_DELTA_CLAMP)
+    x = dx * widths[:, None] + ctr_x[:, None]
+    y = dy * heights[:, None] + ctr_y[:, None]
+    half_w = 0.5 * (torch.exp(dw) * widths[:, None])
+    half_h = 0.5 * (torch.exp(dh) * heights[:, None])
+    return torch.stack((x - half_w, y - half_h, x + half_w, y + half_h), dim=2)
+
+
+def clip_boxes(boxes: Tensor, size) -> Tensor:
+    """Clamps x to [0, w] and y to [0, h]; size = (h, w)."""
+    x = boxes[..., 0::2].clamp(min=0, max=size[1])
+    y = boxes[..., 1::2].clamp(min=0, max=size[0])
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """Mask of boxes at least min_size wide and high."""
+    return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+
+
+class Matcher:
+    """Assigns each prediction the ground-truth box it overlaps most.
+
+    matches[i] = index of the ground truth, or BELOW_LOW (-1, background) below `low`, or
+    BETWEEN (-2, ignored) in [low, high). With allow_low_quality_matches, every ground truth also keeps
+    the predictions it overlaps most even below `high` (Faster R-CNN's RPN rule).
+    """
+
+    BELOW_LOW = -1
+    BETWEEN = -2
+
+    def __init__(self, high: float, low: float, allow_low_quality_matches: bool):
+        self.high, self.low, self.allow_low_quality_matches = high, low, allow_low_quality_matches
+
+    def __call__(self, iou: Tensor) -> Tensor:
+        """iou: [G, P] -> matches [P] int64."""
+        if iou.shape[0] == 0:
+            return torch.full((iou.shape[1],), self.BELOW_LOW, dtype=torch.int64, device=iou.device)
+        best, matches = iou.max(dim=0)
+        all_matches = matches.clone()
+        matches[best < self.low] = self.BELOW_LOW
+        matches[(best >= self.low) & (best < self.high)] = self.BETWEEN
+        if self.allow_low_quality_matches:
+            best_per_gt = iou.max(dim=1).values
+            predictions = torch.where(iou == best_per_gt[:, None])[1]
+            matches[predictions] = all_matches[predictions]
+        return matches
+
+
+def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float):
+    """Random positives (label >= 1) and negatives (label 0) in proportion; -1 is ignored.
+    Returns (positive mask, negative mask)."""
+    positive = torch.where(labels >= 1)[0]
+    negative = torch.where(labels == 0)[0]
+    num_pos = min(positive.numel(), int(batch_size * positive_fraction))
+    num_neg = min(negative.numel(), batch_size - num_pos)
+    pos_idx = positive[torch.randperm(positive.numel(), device=labels.device)[:num_pos]]
+    neg_idx = negative[torch.randperm(negative.numel(), device=labels.device)[:num_neg]]
+    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
+    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
+    pos_mask[pos_idx] = True
+    neg_mask[neg_idx] = True
+    return pos_mask, neg_mask
+
+
+############################################################
+#  Region Proposal Network
+############################################################
+
+
+class RPNHead(nn.Module):
+    """3x3 conv(s) + ReLU, then per anchor an objectness logit and 4 box deltas, on every level."""
+
+    def __init__(self, channels: int, num_anchors: int, convs: int = 1):
+        super().__init__()
+        self.conv = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+                                    for _ in range(convs)])
+        self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[Tensor]):
+        """Returns objectness [N, sum(H*W*A)] and deltas [N, sum(H*W*A), 4] in (level, y, x, anchor) order."""
+        logits, deltas = [], []
+        for x in features:
+            t = self.conv(x)
+            n, a, h, w = self.cls_logits(t).shape
+            logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(n, -1))
+            deltas.append(self.bbox_pred(t).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
+
+
+class RPN(nn.Module):
+    """Anchors, RPN head, proposal selection and, in training, the RPN losses."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.head = RPNHead(config.FPN_CHANNELS, len(config.ANCHOR_RATIOS), config.RPN_CONVS)
+        self.matcher = Matcher(config.RPN_FG_IOU_THRESHOLD, config.RPN_BG_IOU_THRESHOLD, True)
+
+    def forward(self, images: ImageBatch, features: list[Tensor], targets=None):
+        c = self.config
+        objectness, deltas = self.head(features)
+        anchors = generate_anchors(features, images.tensor.shape[-2:], c)
+        per_level = [f.shape[-2] * f.shape[-1] * len(c.ANCHOR_RATIOS) for f in features]
+        pre_nms = c.RPN_PRE_NMS_TOP_N_TRAIN if self.training else c.RPN_PRE_NMS_TOP_N_TEST
+        post_nms = c.RPN_POST_NMS_TOP_N_TRAIN if self.training else c.RPN_POST_NMS_TOP_N_TEST
+        proposals = self.select_proposals(objectness.detach(), deltas.detach(), anchors, per_level, images.image_sizes,
+                                          pre_nms, post_nms)
+        losses = {}
+        if self.training:
+            losses = self.losses(objectness, deltas, anchors, targets)
+        return proposals, losses
+
+    def select_proposals(self, objectness, deltas, anchors, per_level, image_sizes, pre_nms, post_nms):
+        """Top `pre_nms` anchors by objectness on each level, decoded, clipped, small ones dropped, NMS
+        within each level, then the best `post_nms` of the image. Returns [[Ki, 4]] per image."""
+        c = self.config
+        top, levels = [], []
+        offset = 0
+        for level, count in enumerate(per_level):
+            k = min(pre_nms, count)
+            top.append(objectness[:, offset : offset + count].topk(k, dim=1).indices + offset)
+            levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
+            offset += count
+        top = torch.cat(top, dim=1)
+        levels = torch.cat(levels)
+        proposals = []
+        for i, size in enumerate(image_sizes):
+            idx = top[i]
+            boxes = decode_boxes(deltas[i, idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))[:, 0]
+            boxes = clip_boxes(boxes, size)
+            scores = torch.sigmoid(objectness[i, idx])
+            keep = large_enough(boxes, c.RPN_MIN_SIZE) & (scores >= c.RPN_SCORE_THRESHOLD)
+            boxes, scores, level = boxes[keep], scores[keep], levels[keep]
+            keep = batched_nms(boxes, scores, level, c.RPN_NMS_THRESHOLD)[:post_nms]
+            proposals.append(boxes[keep])
+        return proposals
+
+    def losses(self, objectness, deltas, anchors, targets):
+        c = self.config
+        labels, reference = [], []
+        for target in targets:
+            gt = target["boxes"]
+            matches = self.matcher(utils.box_iou(gt, anchors))
+            label = (matches >= 0).to(objectness.dtype)
+            label[matches == Matcher.BETWEEN] = -1
+            labels.append(label)
+            reference.append(gt[matches.clamp(min=0)] if gt.shape[0] else torch.zeros_like(anchors))
+        pos, neg = zip(*(sample_balanced(lab, c.RPN_BATCH_SIZE_PER_IMAGE, c.RPN_POSITIVE_FRACTION) for lab in labels))
+        pos, neg = torch.stack(pos), torch.stack(neg)
+        labels = torch.stack(labels)
+        sampled = pos | neg
+        num_sampled = max(int(sampled.sum()), 1)
+        targets_delta = torch.stack([encode_boxes(r, anchors, (1.0, 1.0, 1.0, 1.0)) for r in reference])
+        box_loss = F.smooth_l1_loss(deltas[pos], targets_delta[pos], beta=c.SMOOTH_L1_BETA, reduction="sum")
+        if c.RPN_FOCAL_LOSS:
+            object_loss = sigmoid_focal_loss(objectness[sampled], labels[sampled], c.FOCAL_GAMMA, c.FOCAL_ALPHA)
+        else:
+            object_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
+        return {"loss_objectness": object_loss, "loss_rpn_box_reg": box_loss / num_sampled}
+
+
+############################################################
+#  Pyramid RoIAlign
+############################################################
+
+
+class PyramidRoIAlign(nn.Module):
+    """RoIAlign on the FPN level that suits each box's size (FPN paper, eq. 1):
+    level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5."""
+
+    def __init__(self, output_size: int, config: Config):
+        super().__init__()
+        self.output_size = output_size
+        self.sampling_ratio = config.POOL_SAMPLING_RATIO
+        self.aligned = config.POOL_ALIGNED
+        self.canonical_size = config.POOL_CANONICAL_SIZE
+        self.canonical_level = config.POOL_CANONICAL_LEVEL
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor], image_sizes) -> Tensor:
+        """features: P2-P5; boxes: [[Ki, 4]] per image -> [sum Ki, C, S, S]."""
+        # The scale of each level, from the largest unpadded image (as torchvision infers it).
+        largest = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
+        scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
+        first, last = -math.log2(scales[0]), -math.log2(scales[-1])
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+        eps = torch.tensor(1e-6, dtype=area.dtype, device=area.device)
+        levels = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_size) + eps)
+        levels = (levels.clamp(first, last) - first).to(torch.int64)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            index = torch.where(levels == level)[0]
+            if index.numel():
+                out[index] = torch.ops.maskrcnn.roi_align(
+                    feature, rois[index].to(feature.dtype), scale, self.output_size, self.output_size,
+                    self.sampling_ratio, self.aligned,
+                )
+        return out
+
+
+############################################################
+#  Box head and predictor
+############################################################
+
+
+class TwoMLPHead(nn.Module):
+    """v1 box head: flatten, fc6 + ReLU, fc7 + ReLU."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, dim)
+        self.fc7 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+def conv_fc_head(channels: int, pool: int, convs: int, dim: int) -> nn.Sequential:
+    """v2 box head: `convs` x (3x3 conv + BN + ReLU), flatten, fc + ReLU (indices as torchvision's)."""
+    layers = []
+    in_channels = channels
+    for _ in range(convs):
+        layers.append(conv_norm_relu(in_channels, 256, "bn"))
+        in_channels = 256
+    layers += [nn.Flatten(), nn.Linear(in_channels * pool * pool, dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class BoxPredictor(nn.Module):
+    """Class logits and per-class box deltas."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(dim, num_classes)
+        self.bbox_pred = nn.Linear(dim, num_classes * 4)
+
+    def forward(self, x):
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+############################################################
+#  Mask head and predictor
+############################################################
+
+
+def mask_head(channels: int, width: int, convs: int, norm: Optional[str]) -> nn.Sequential:
+    """`convs` x (3x3 conv (+ BN in v2) + ReLU), as `mask_head.{i}.0`."""
+    layers = []
+    for i in range(convs):
+        layers.append(conv_norm_relu(channels if i == 0 else width, width, norm))
+    for m in nn.Sequential(*layers).modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+class MaskPredictor(nn.Module):
+    """2x2 transposed conv (stride 2) + ReLU, then a 1x1 conv to one mask logit map per class."""
+
+    def __init__(self, channels: int, width: int, num_classes: int):
+        super().__init__()
+        self.conv5_mask = nn.ConvTranspose2d(channels, width, 2, 2, 0)
+        self.mask_fcn_logits = nn.Conv2d(width, num_classes, 1)
+        for m in (self.conv5_mask, self.mask_fcn_logits):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+
+
+############################################################
+#  Losses
+############################################################
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float, alpha: Optional[float]) -> Tensor:
+    """Mean binary focal loss (Lin et al., 2017): BCE * (1 - p_t)^gamma, positives weighted by alpha and
+    negatives by 1 - alpha. gamma = 0 and alpha = None give the mean BCE exactly."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    loss = bce
+    if gamma:
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = loss * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss.mean() if loss.numel() else loss.sum()
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float, alpha: Optional[float]) -> Tensor:
+    """Mean multi-class focal loss: -(1 - p_y)^gamma log p_y, foreground weighted by alpha and background by
+    1 - alpha. gamma = 0 and alpha = None give the cross entropy exactly."""
+    log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+    loss = -log_p
+    if gamma:
+        loss = loss * (1 - log_p.exp()) ** gamma
+    if alpha is not None:
+        loss = loss * torch.where(labels > 0, alpha, 1 - alpha)
+    return loss.mean()
+
+
+############################################################
+#  RoI heads: sampling, box and mask branches, post-processing
+############################################################
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        c = self.config = config
+        self.box_roi_pool = PyramidRoIAlign(c.BOX_POOL_SIZE, c)
+        self.mask_roi_pool = PyramidRoIAlign(c.MASK_POOL_SIZE, c)
+        if c.BOX_HEAD_CONVS:
+            self.box_head = conv_fc_head(c.FPN_CHANNELS, c.BOX_POOL_SIZE, c.BOX_HEAD_CONVS, c.BOX_HEAD_DIM)
+        else:
+            self.box_head = TwoMLPHead(c.FPN_CHANNELS * c.BOX_POOL_SIZE**2, c.BOX_HEAD_DIM)
+        self.box_predictor = BoxPredictor(c.BOX_HEAD_DIM, c.NUM_CLASSES)
+        norm = "bn" if c.VARIANT == "v2" else None
+        self.mask_head = mask_head(c.FPN_CHANNELS, c.MASK_HEAD_CHANNELS, c.MASK_HEAD_CONVS, norm)
+        self.mask_predictor = MaskPredictor(c.MASK_HEAD_CHANNELS, c.MASK_HEAD_CHANNELS, c.NUM_CLASSES)
+        self.matcher = Matcher(c.ROI_FG_IOU_THRESHOLD, c.ROI_BG_IOU_THRESHOLD, False)
+
+    def forward(self, features, proposals, image_sizes, targets=None):
+        features = features[:4]  # P2-P5; P6 serves the RPN only
+        if self.training:
+            return self.train_forward(features, proposals, image_sizes, targets)
+        return self.detect(features, proposals, image_sizes)
+
+    # ---- training ----
+    def sample(self, proposals, targets):
+        """Adds the ground truth to the proposals, matches and samples them.
+        Returns per image (proposals, labels, matched ground-truth index)."""
+        c = self.config
+        sampled = []
+        for boxes, target in zip(proposals, targets):
+            gt = target["boxes"]
+            boxes = torch.cat([boxes, gt.to(boxes.dtype)])
+            matches = self.matcher(utils.box_iou(gt, boxes))
+            labels = target["labels"][matches.clamp(min=0)] if gt.shape[0] else matches.new_zeros(matches.shape)
+            labels = labels.clone()
+            labels[matches == Matcher.BELOW_LOW] = 0
+            labels[matches == Matcher.BETWEEN] = -1
+            pos, neg = sample_balanced(labels, c.ROI_BATCH_SIZE_PER_IMAGE, c.ROI_POSITIVE_FRACTION)
+            keep = torch.where(pos | neg)[0]
+            sampled.append((boxes[keep], labels[keep], matches[keep].clamp(min=0)))
+        return sampled
+
+    def train_forward(self, features, proposals, image_sizes, targets):
+        c = self.config
+        sampled = self.sample(proposals, targets)
+        boxes = [s[0] for s in sampled]
+        labels = torch.cat([s[1] for s in sampled])
+        reference = torch.cat([
+            t["boxes"][s[2]] if t["boxes"].shape[0] else torch.zeros_like(s[0]) for s, t in zip(sampled, targets)
+        ])
+        class_logits, box_deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, boxes, image_sizes)))
+        if c.BOX_FOCAL_LOSS:
+            class_loss = softmax_focal_loss(class_logits, labels, c.FOCAL_GAMMA, c.FOCAL_ALPHA)
+        else:
+            class_loss = F.cross_entropy(class_logits, labels)
+        pos = torch.where(labels > 0)[0]
+        deltas = box_deltas.reshape(labels.shape[0], -1, 4)[pos, labels[pos]]
+        target_deltas = encode_boxes(reference[pos], torch.cat(boxes)[pos], c.BOX_CODER_WEIGHTS)
+        box_loss = F.smooth_l1_loss(deltas, target_deltas, beta=c.SMOOTH_L1_BETA, reduction="sum") / labels.numel()
+        losses = {"loss_classifier": class_loss, "loss_box_reg": box_loss}
+        # Mask branch on the positives only; targets are the ground-truth masks cropped by RoIAlign.
+        positive_boxes, mask_targets, positive_labels = [], [], []
+        for i, (b, lab, m) in enumerate(sampled):
+            keep = lab > 0
+            positive_boxes.append(b[keep])
+            positive_labels.append(lab[keep])
+            rois = torch.cat([m[keep, None].to(b.dtype), b[keep]], dim=1)
+            gt_masks = targets[i]["masks"][:, None].to(b.dtype)
+            mask_targets.append(roi_align(gt_masks, rois, c.MASK_SIZE, 1.0, -1, False)[:, 0]
+                                if rois.shape[0] else b.new_zeros((0, c.MASK_SIZE, c.MASK_SIZE)))
+        positive_labels = torch.cat(positive_labels)
+        if positive_labels.numel() == 0:
+            # Keeps every mask parameter in the graph (zero gradient), which DDP needs.
+            losses["loss_mask"] = sum(p.sum() for p in self.mask_predictor.parameters()) * 0
+            return losses
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, positive_boxes, image_sizes)))
+        mask_logits = mask_logits[torch.arange(positive_labels.numel(), device=labels.device), positive_labels]
+        losses["loss_mask"] = F.binary_cross_entropy_with_logits(mask_logits, torch.cat(mask_targets))
+        return losses
+
+    # ---- inference ----
+    def detect(self, features, proposals, image_sizes):
+        c = self.config
+        class_logits, box_deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_sizes)))
+        boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)
+        scores = F.softmax(class_logits, -1)
+        results = []
+        for boxes_i, scores_i, size in zip(boxes.split([len(p) for p in proposals]),
+                                            scores.split([len(p) for p in proposals]), image_sizes):
+            results.append(self.postprocess_detections(boxes_i, scores_i, size))
+        mask_boxes = [r["boxes"] for r in results]
+        if sum(len(b) for b in mask_boxes) == 0:
+            for r in results:
+                r["masks"] = r["boxes"].new_zeros((0, 1, c.MASK_SIZE, c.MASK_SIZE))
+            return results
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_sizes)))
+        labels = torch.cat([r["labels"] for r in results])
+        probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels][:, None].sigmoid()
+        for r, p in zip(results, probs.split([len(b) for b in mask_boxes])):
+            r["masks"] = p
+        return results
+
+    def postprocess_detections(self, boxes, scores, size):
+        """Per class: clip, drop background, low scores and tiny boxes, NMS per class, keep the best."""
+        c = self.config
+        num_classes = scores.shape[1]
+        boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)
+        labels = torch.arange(1, num_classes, device=scores.device).repeat(scores.shape[0])
+        scores = scores[:, 1:].reshape(-1)
+        keep = torch.where(scores > c.DETECTION_MIN_CONFIDENCE)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = torch.where(large_enough(boxes, c.DETECTION_MIN_SIZE))[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, c.DETECTION_NMS_THRESHOLD)[: c.DETECTION_MAX_INSTANCES]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+############################################################
+#  Mask pasting
+############################################################
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, size) -> Tensor:
+    """Pastes [N, 1, M, M] mask probabilities into [N, 1, H, W] images, all masks in one batched step.
+
+    As torchvision: the masks are padded by one pixel and the boxes enlarged by (M + 2) / M and cut to
+    integers; each mask is resized bilinearly (align_corners=False) to its box's integer size. The
+    resize is separable, so it is written as two batched matrix products with the interpolation
+    weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M + 2] and Wx [N, W, M + 2].
+    """
+    n, height, width = masks.shape[0], int(size[0]), int(size[1])
+    if n == 0:
+        return masks.new_zeros((0, 1, height, width))
+    m = masks.shape[-1]
+    padded = F.pad(masks[:, 0], (1, 1, 1, 1))
+    scale = (m + 2) / m
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
+    wy = interpolation_weights(box[:, 1], box[:, 3], height, m + 2, masks.dtype)
+    wx = interpolation_weights(box[:, 0], box[:, 2], width, m + 2, masks.dtype)
+    return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
+
+
+def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
+    """[N, length, source] weights of a bilinear resize (align_corners=False) of `source` samples onto
+    the pixels start..end (inclusive, integer) of an axis of `length` pixels; zero outside."""
+    size = (end - start + 1).clamp(min=1)  # pixels the mask covers
+    pixel = torch.arange(length, device=start.device)[None, :]
+    local = pixel - start[:, None]  # index within the resized mask
+    inside = (local >= 0) & (local < size[:, None])
+    step = source / size.to(torch.float32)  # PyTorch's scale for a resize to a given size
+    src = (step[:, None] * (local.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
+    low = src.floor().to(torch.int64).clamp(max=source - 1)
+    high = torch.where(low < source - 1, low + 1, low)
+    frac = (src - low.to(torch.float32)).to(dtype)
+    weights = torch.zeros(start.shape[0], length, source, dtype=dtype, device=start.device)
+    zero = torch.zeros((), dtype=dtype, device=start.device)
+    weights.scatter_add_(2, low[..., None], torch.where(inside, 1 - frac, zero)[..., None])
+    weights.scatter_add_(2, high[..., None], torch.where(inside, frac, zero)[..., None])
+    return weights
+
+
+############################################################
+#  Mask R-CNN
+############################################################
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN with a ResNet-FPN backbone.
+
+    forward(images, targets=None):
+        images: list of [3, H, W] float tensors in [0, 1] (sizes may differ).
+        targets (training): per image a dict with boxes [K, 4] float (x1, y1, x2, y2) in pixels,
+            labels [K] int64 in 1..NUM_CLASSES-1, masks [K, H, W] uint8/bool.
+        Training returns a dict of scalar losses. Evaluation returns per image a dict with boxes
+        [D, 4], labels [D], scores [D] and masks [D, 1, H, W] (probabilities) at the image's size.
+    detect(images): numpy HxWx3 uint8 RGB images (or paths) -> per image numpy boxes, class_ids,
+        scores and masks [D, H, W] bool.
+    """
+
+    def __init__(self, config: Optional[Config] = None):
+        super().__init__()
+        self.config = config = config if config is not None else Config()
+        self.backbone = Backbone(config)
+        self.rpn = RPN(config)
+        self.roi_heads = RoIHeads(config)
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
+        check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode (call model.eval() for inference)")
+            check_targets(targets, images, self.config.NUM_CLASSES)
+            min_size = self.config.IMAGE_MIN_DIM_TRAIN[int(torch.randint(len(self.config.IMAGE_MIN_DIM_TRAIN), ()))]
+            batch, targets = preprocess(images, self.config, targets, min_size)
+        else:
+            batch, _ = preprocess(images, self.config)
+        features = self.backbone(batch.tensor)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        if self.training:
+            return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
+        results = self.roi_heads(features, proposals, batch.image_sizes)
+        for result, size, original in zip(results, batch.image_sizes, batch.original_sizes):
+            ratio = torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=result["boxes"].device)
+            result["boxes"] = result["boxes"] * ratio.to(result["boxes"].dtype)
+            result["masks"] = paste_masks(result["masks"], result["boxes"], original)
+        return results
+
+    @torch.no_grad()
+    def detect(self, images) -> list[dict]:
+        """Inference on numpy images (HxWx3 uint8 RGB) or image paths; see the class docstring."""
+        if not isinstance(images, (list, tuple)):
+            raise ValueError("detect expects a list of images (HxWx3 uint8 arrays or paths)")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        tensors = [utils.image_to_tensor(utils.load_image(im) if isinstance(im, (str, os.PathLike)) else im)
+                   for im in images]
+        outputs = self([t.to(device) for t in tensors])
+        self.train(was_training)
+        return [
+            {
+                "boxes": o["boxes"].float().cpu().numpy(),
+                "class_ids": o["labels"].cpu().numpy().astype(np.int64),
+                "scores": o["scores"].float().cpu().numpy(),
+                "masks": (o["masks"][:, 0] > self.config.MASK_THRESHOLD).cpu().numpy(),
+            }
+            for o in outputs
+        ]
+
+    def load_weights(self, source, exclude=()):
+        """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling) or an ImageNet
+        ResNet (backbone only). `source` is a path, a state_dict, or "coco", "coco_v2", "imagenet" for
+        torchvision's published files. `exclude`: key prefixes or regexes to skip; "heads" means the
+        class-specific layers (to fine-tune on other classes). Keys whose shapes differ are skipped and
+        logged, as are missing and unexpected keys."""
+        state = utils.load_state_dict(source, self.config.BACKBONE)
+        state = convert_state_dict(state)
+        patterns = []
+        for item in exclude:
+            patterns += HEAD_KEYS if item == "heads" else [item]
+        own = self.state_dict()
+        skipped_shape, excluded, loaded = [], [], {}
+        for key, value in state.items():
+            if any(key.startswith(p) or re.match(p, key) for p in patterns):
+                excluded.append(key)
+            elif key in own and own[key].shape != value.shape:
+                skipped_shape.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+            elif key in own:
+                loaded[key] = value
+        unexpected = sorted(set(state) - set(own) - set(excluded))
+        missing = sorted(set(own) - set(loaded))
+        self.load_state_dict(loaded, strict=False)
+        logger.info("loaded %d of %d tensors", len(loaded), len(own))
+        if skipped_shape:
+            logger.warning("skipped (shape differs): %s", ", ".join(skipped_shape))
+        if excluded:
+            logger.info("excluded: %d tensors (%s)", len(excluded), ", ".join(exclude))
+        if unexpected:
+            logger.warning("not in this model (ignored): %s", ", ".join(unexpected))
+        if missing:
+            logger.warning("not in the checkpoint (left as initialised): %s", ", ".join(missing))
+        return {"loaded": sorted(loaded), "skipped_shape": skipped_shape, "excluded": excluded,
+                "unexpected": unexpected, "missing": missing}
+
+
+HEAD_KEYS = ["roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."]
+
+
+def convert_state_dict(state: dict) -> dict:
+    """Our key spelling from any accepted checkpoint: our own (possibly under "model" and DDP's
+    "module."), torchvision's current and legacy Mask R-CNN keys, or a bare ImageNet ResNet."""
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+    if "conv1.weight" in state and not any(k.startswith("backbone.") for k in state):
+        # An ImageNet classifier: its trunk is our backbone.body; the fc classifier is dropped.
+        return OrderedDict(("backbone.body." + k, v) for k, v in state.items() if not k.startswith("fc."))
+    legacy = [
+        (r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2"),
+        (r"^(rpn\.head\.conv)\.(weight|bias)$", r"\1.0.0.\2"),
+        (r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"{m[1]}.{int(m[2]) - 1}.0.{m[3]}"),
+    ]
+    converted = OrderedDict()
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for pattern, replacement in legacy:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+############################################################
+#  Input validation
+############################################################
+
+
+def check_images(images):
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(f"images must be a non-empty list of [3, H, W] tensors; got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise ValueError(f"images[{i}] must be a torch.Tensor [3, H, W]; got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images[{i}] must be [3, H, W] (RGB, channels first); got shape {list(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"images[{i}] must be floating point in [0, 1]; got {image.dtype}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"images[{i}] is empty: shape {list(image.shape)}")
+
+
+def check_targets(targets, images, num_classes):
+    if len(targets) != len(images):
+        raise ValueError(f"targets must have one dict per image ({len(images)}); got {len(targets)}")
+    for i, (target, image) in enumerate(zip(targets, images)):
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            shape = list(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"targets[{i}]['boxes'] must be [K, 4] (x1, y1, x2, y2); got {shape}")
+        if not boxes.is_floating_point():
+            raise ValueError(f"targets[{i}]['boxes'] must be floating point; got {boxes.dtype}")
+        height, width = image.shape[-2:]
+        if boxes.numel():
+            if not bool(torch.isfinite(boxes).all()):
+                raise ValueError(f"targets[{i}]['boxes'] has non-finite values")
+            bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            if bool(bad.any()):
+                j = int(torch.where(bad)[0][0])
+                raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has x2 <= x1 or y2 <= y1; "
+                                 "boxes must be (x1, y1, x2, y2) with positive width and height")
+            outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+            if bool(outside.any()):
+                j = int(torch.where(outside)[0][0])
+                raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} lies outside the image "
+                                 f"({width} x {height})")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1] or labels.is_floating_point():
+            shape = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"targets[{i}]['labels'] must be an integer tensor [K] with K = {boxes.shape[0]}; "
+                             f"got {shape}")
+        if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= num_classes):
+            raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes - 1} (0 is background); got "
+                             f"values from {int(labels.min())} to {int(labels.max())}")
+        masks = target.get("masks")
+        if masks is None or not isinstance(masks, Tensor) or tuple(masks.shape) != (boxes.shape[0], height, width):
+            shape = list(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(f"targets[{i}]['masks'] must be [K, H, W] = [{boxes.shape[0]}, {height}, {width}]; "
+                             f"got {shape}")

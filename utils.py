@@ -1,0 +1,127 @@
+"""Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
+
+import os
+import urllib.error
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# torchvision's published weights, by the short names load_weights accepts.
+WEIGHT_URLS = {
+    "coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+    "coco_v2": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+    "imagenet:resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "imagenet:resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "imagenet:resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "imagenet:resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+
+############################################################
+#  Boxes
+############################################################
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """[N, 4] (x1, y1, x2, y2) -> [N] areas (no "+1")."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every pair: a [N, 4], b [M, 4] -> [N, M]."""
+    top_left = torch.max(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
+
+
+############################################################
+#  Images
+############################################################
+
+
+def load_image(path) -> np.ndarray:
+    """An image file as an HxWx3 uint8 RGB array (grey and RGBA are converted)."""
+    import skimage.io
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        image = skimage.io.imread(path)
+    except Exception as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"image {path} has shape {image.shape}; expected HxW, HxWx3 or HxWx4")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def image_to_tensor(image: np.ndarray) -> Tensor:
+    """HxWx3 uint8 RGB array -> [3, H, W] float tensor in [0, 1]."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = image.shape if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be an HxWx3 RGB numpy array; got {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (0-255); got {image.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
+############################################################
+#  Masks: RLE and polygons (COCO formats, via pycocotools)
+############################################################
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """HxW bool mask -> COCO RLE (column-major, counts as a str for JSON)."""
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def rle_to_mask(rle: dict, height: int, width: int) -> np.ndarray:
+    """COCO RLE (compressed, or uncompressed with a list of counts) -> HxW bool mask."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(rle.get("counts"), list):
+        rle = coco_mask.frPyObjects(rle, height, width)
+    return coco_mask.decode(rle).astype(bool)
+
+
+def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
+    """COCO polygons [[x1, y1, x2, y2, ...], ...] -> HxW bool mask."""
+    from pycocotools import mask as coco_mask
+
+    rles = coco_mask.frPyObjects(polygons, height, width)
+    return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
+
+
+############################################################
+#  Weight files
+############################################################
+
+
+def load_state_dict(source, backbone: str = "resnet50") -> dict:
+    """A state dict from a dict, a file, or a name in WEIGHT_URLS ("imagenet" means the config's
+    backbone), downloaded to the torch hub cache when there is a network."""
+    if isinstance(source, dict):
+        return source
+    source = str(source)
+    name = f"imagenet:{backbone}" if source == "imagenet" else source
+    if name in WEIGHT_URLS:
+        try:
+            return torch.hub.load_state_dict_from_url(WEIGHT_URLS[name], map_location="cpu", progress=False)
+        except (urllib.error.URLError, OSError) as error:
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise RuntimeError(
+                f"cannot download the {source!r} weights from {WEIGHT_URLS[name]} ({error}). Without a network, "
+                f"copy that file into {cache} or pass its path to load_weights."
+            ) from error
+    if not os.path.exists(source):
+        raise FileNotFoundError(
+            f"weights not found: {source!r} is neither a file nor one of {', '.join(['imagenet', *WEIGHT_URLS])}"
+        )
+    return torch.load(source, map_location="cpu", weights_only=False)
