@@ -349,10 +349,9 @@ def encode_boxes(reference: Tensor, proposals: Tensor, weights) -> Tensor:
     gt_h = reference[:, 3] - reference[:, 1]
     gt_x = reference[:, 0] + 0.5 * gt_w
     gt_y = reference[:, 1] + 0.5 * gt_h
-    return torch.stack(
-        (wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h, ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)),
-        dim=1,
-    )
+    dx = wx * (gt_x - ex_x) / ex_w
+    dy = wy * (gt_y - ex_y) / ex_h
+    return torch.stack((dx, dy, ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)), dim=1)
 
 
 def decode_boxes(deltas: Tensor, boxes: Tensor, weights) -> Tensor:
@@ -763,7 +762,8 @@ class RoIHeads(nn.Module):
     # ---- inference ----
     def detect(self, features, proposals, image_sizes):
         c = self.config
-        class_logits, box_deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_sizes)))
+        pooled = self.box_roi_pool(features, proposals, image_sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)
         scores = F.softmax(class_logits, -1)
         results = []
