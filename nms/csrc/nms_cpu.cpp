@@ -1,9 +1,6 @@
-// CPU NMS: greedy, exact, and O(kept * N) rather than O(N^2) scalar work.
-//
-// Boxes are processed in blocks of 64 in score order. The boxes of a block that survive are found
-// with a short sequential scan; their IoU with every later block is then computed 64 boxes at a time
-// (a loop the compiler vectorises) and folded into a "removed" bitmask, the later blocks being split
-// between threads. Independent groups (classes, levels) of batched_nms run in parallel instead.
+// CPU NMS: greedy and exact, with the IoUs computed 64 boxes at a time into bitmasks (a loop the
+// compiler vectorises) by both cores, and only for boxes not already suppressed by an earlier band of
+// boxes (see keep_group). Independent groups (classes, levels) of batched_nms run in parallel instead.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -60,41 +57,52 @@ struct BlockedBoxes {
 };
 
 // Greedy NMS of one group already in score order; writes keep[0..n).
+//
+// Rows are handled in bands of kBandBlocks * 64 boxes. For a band, the IoU bits of every row that is
+// still alive against all later boxes are computed in one parallel region; then one thread walks the
+// band's rows in order, keeping a row unless it is removed, and folding a kept row's bits into
+// `removed`. Rows removed by earlier bands are never computed, and there is one parallel region per
+// band rather than per block: waking threads is expensive when the cores are shared.
 template <typename T>
 void keep_group(const T* boxes, int64_t n, T threshold, bool* keep) {
+  constexpr int64_t kBandBlocks = 32;
   const BlockedBoxes<T> group(boxes, n);
-  std::vector<uint64_t> removed(group.blocks, 0);
-  for (int64_t block = 0; block < group.blocks; ++block) {
-    const int in_block = static_cast<int>(std::min<int64_t>(kBlock, n - block * kBlock));
-    uint64_t dead = removed[block];
-    std::vector<int64_t> kept;
-    for (int k = 0; k < in_block; ++k) {
-      const int64_t i = block * kBlock + k;
-      keep[i] = !((dead >> k) & 1);
-      if (keep[i]) {
-        kept.push_back(i);
-        dead |= group.overlaps(i, block, threshold);
-      }
-    }
-    if (kept.empty() || block + 1 == group.blocks) {
-      continue;
-    }
-    // Each later block is updated by exactly one thread, so no two threads write the same word.
-    // Threads are woken only for at least ~64k IoUs each: fewer parallel regions, which matters
-    // when the cores are shared with other work and waking a thread can cost a scheduler tick.
-    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (static_cast<int64_t>(kept.size()) * kBlock));
-    at::parallel_for(block + 1, group.blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t later = begin; later < end; ++later) {
-        if (removed[later] == ~0ULL) {
-          continue;
+  const int64_t blocks = group.blocks;
+  std::vector<uint64_t> removed(blocks, 0);
+  std::vector<uint64_t> band_bits(kBandBlocks * kBlock * blocks);
+  for (int64_t band = 0; band < blocks; band += kBandBlocks) {
+    const int64_t band_end = std::min(band + kBandBlocks, blocks);
+    const int64_t first_row = band * kBlock, rows = std::min(band_end * kBlock, n) - first_row;
+    // At least ~1M IoUs per thread, or the band runs on this thread alone.
+    const int64_t grain = std::max<int64_t>(1, (1 << 20) / (kBlock * (blocks - band)));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) {
+        // Later rows cost less, so rows are taken alternately from both ends: each thread's
+        // contiguous share of the index range then has about the same work.
+        const int64_t r = index % 2 == 0 ? index / 2 : rows - 1 - index / 2;
+        const int64_t i = first_row + r;
+        if ((removed[i / kBlock] >> (i % kBlock)) & 1) {
+          continue;  // removed by an earlier band: never read
         }
-        uint64_t hit = 0;
-        for (const int64_t i : kept) {
-          hit |= group.overlaps(i, later, threshold);
+        uint64_t* bits = &band_bits[r * blocks];
+        for (int64_t block = i / kBlock; block < blocks; ++block) {
+          bits[block] = group.overlaps(i, block, threshold);
         }
-        removed[later] |= hit;
       }
     });
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = first_row + r;
+      keep[i] = !((removed[i / kBlock] >> (i % kBlock)) & 1);
+      if (!keep[i]) {
+        continue;
+      }
+      const uint64_t* bits = &band_bits[r * blocks];
+      const uint64_t later_in_block = (i % kBlock == kBlock - 1) ? 0 : (~0ULL << (i % kBlock + 1));
+      removed[i / kBlock] |= bits[i / kBlock] & later_in_block;
+      for (int64_t block = i / kBlock + 1; block < blocks; ++block) {
+        removed[block] |= bits[block];
+      }
+    }
   }
 }
 

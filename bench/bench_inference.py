@@ -1,0 +1,136 @@
+"""Whole-model inference: our MaskRCNN against torchvision's maskrcnn_resnet50_fpn, same weights,
+same images, same process.
+
+    python bench/bench_inference.py                    # CPU, batch 1 and 4, median of 3
+    python bench/bench_inference.py --device cuda --repeats 10
+
+torchvision's model gets random weights scaled so that it makes real detections (no weights can be
+downloaded here); its state_dict is loaded into ours. The input is scikit-image's coffee photo resized
+to a COCO-sized 800x1066 (no further resize in either model). Prints the median seconds per batch,
+images per second, the throughput ratio (ours / torchvision, above 1 means we are faster), the peak
+memory of each, and how far the detections differ.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import skimage.data
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import Config  # noqa: E402
+from model import MaskRCNN  # noqa: E402
+
+
+def build_models(device):
+    torch.manual_seed(0)
+    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.uniform_(-0.1, 0.1)
+        theirs.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
+        theirs.rpn.head.cls_logits.weight.mul_(30)
+    # Untrained torchvision models use BatchNorm2d (eps 1e-5); ours freezes it with the same eps.
+    ours = MaskRCNN(Config(FROZEN_BN_EPS=1e-5))
+    ours.load_weights(theirs.state_dict())
+    return theirs.to(device).eval(), ours.to(device).eval()
+
+
+def peak_memory_mb(fn, device):
+    """Peak memory of one call: CUDA allocator peak, or on CPU the process's peak resident set
+    (reset through /proc/self/clear_refs, Linux only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    fn()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def median_seconds(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def differences(a, b):
+    """Largest box and score differences, label mismatches and mean mask IoU over paired detections."""
+    box, score, labels, ious = 0.0, 0.0, 0, []
+    for x, y in zip(a, b):
+        if len(x["boxes"]) != len(y["boxes"]):
+            return f"different numbers of detections: {len(x['boxes'])} and {len(y['boxes'])}"
+        box = max(box, (x["boxes"] - y["boxes"]).abs().max().item() if len(x["boxes"]) else 0.0)
+        score = max(score, (x["scores"] - y["scores"]).abs().max().item() if len(x["boxes"]) else 0.0)
+        labels += int((x["labels"] != y["labels"]).sum())
+        mx, my = x["masks"][:, 0] > 0.5, y["masks"][:, 0] > 0.5
+        inter = (mx & my).flatten(1).sum(1).float()
+        union = (mx | my).flatten(1).sum(1).float().clamp(min=1)
+        ious += (inter / union).tolist()
+    mean_iou = sum(ious) / max(len(ious), 1)
+    return (f"{sum(len(x['boxes']) for x in a)} detections; max box diff {box:.2g} px, max score diff "
+            f"{score:.2g}, {labels} label mismatches, mean mask IoU {mean_iou:.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,4")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    theirs, ours = build_models(device)
+    photo = torch.from_numpy(skimage.data.coffee()).permute(2, 0, 1).float()[None] / 255
+    image = F.interpolate(photo, size=(800, 1066), mode="bilinear", align_corners=False)[0].to(device)
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{datetime.date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}")
+    print()
+    print("| batch | torchvision s | ours s | torchvision img/s | ours img/s | ours / torchvision | "
+          "peak MB torchvision | peak MB ours |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    notes = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        images = [image.flip(-1) if i % 2 else image for i in range(batch)]
+        with torch.inference_mode():
+            t_theirs = median_seconds(lambda images=images: theirs(images), device, args.repeats)
+            t_ours = median_seconds(lambda images=images: ours(images), device, args.repeats)
+            m_theirs = peak_memory_mb(lambda images=images: theirs(images), device)
+            m_ours = peak_memory_mb(lambda images=images: ours(images), device)
+            notes.append(f"batch {batch}: {differences(theirs(images), ours(images))}")
+        print(f"| {batch} | {t_theirs:.2f} | {t_ours:.2f} | {batch / t_theirs:.2f} | {batch / t_ours:.2f} | "
+              f"{t_theirs / t_ours:.2f}x | {m_theirs:.0f} | {m_ours:.0f} |", flush=True)
+    print()
+    for note in notes:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()

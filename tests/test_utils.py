@@ -1,0 +1,224 @@
+"""Tests of utils: IoU and areas (against torchvision), RLE and polygons (against hand-made masks and
+pycocotools), image conversion and loading, weight file loading."""
+
+import urllib.error
+
+import numpy as np
+import pytest
+import skimage.io
+import torch
+import torchvision
+from pycocotools import mask as coco_mask
+
+import utils
+
+# ----------------------------------------------------------------------------------------------------
+# Boxes
+
+
+def random_boxes(n, generator, scale=100.0):
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale / 2 + 0.5
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (7, 13), (50, 40), (0, 5), (5, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_iou_matches_torchvision(n, m, dtype):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    a, b = random_boxes(n, g).to(dtype), random_boxes(m, g).to(dtype)
+    got = utils.box_iou(a, b)
+    assert got.shape == (n, m) and got.dtype == dtype
+    torch.testing.assert_close(got, torchvision.ops.box_iou(a, b))
+    if n and m:
+        assert float(got.min()) >= 0 and float(got.max()) <= 1
+
+
+def test_box_iou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 10.0, 10.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [2.0, 0.0, 4.0, 2.0], [5.0, 5.0, 6.0, 7.0],
+                      [20.0, 20.0, 30.0, 30.0]])
+    expected = torch.tensor([
+        [1 / 7, 1.0, 0.0, 0.0, 0.0],  # overlap 1x1 of two 2x2 boxes; identical; touching edges; disjoint
+        [4 / 100, 4 / 100, 4 / 100, 2 / 100, 0.0],  # boxes inside the 10x10 one: area ratio
+    ])
+    torch.testing.assert_close(utils.box_iou(a, b), expected)
+
+
+def test_box_area():
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [1.5, 2.0, 4.0, 2.5], [5.0, 5.0, 5.0, 9.0]])
+    torch.testing.assert_close(utils.box_area(boxes), torch.tensor([6.0, 1.25, 0.0]))  # no "+1"
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(20, g)
+    torch.testing.assert_close(utils.box_area(boxes), torchvision.ops.box_area(boxes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# RLE and polygons
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (64, 48), (33, 100)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.9, 1.0])
+def test_rle_round_trip(shape, density):
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    mask = rng.random(shape) < density
+    rle = utils.mask_to_rle(mask)
+    assert isinstance(rle["counts"], str)  # JSON-friendly
+    assert list(rle["size"]) == list(shape)
+    decoded = utils.rle_to_mask(rle, *shape)
+    assert decoded.dtype == bool and decoded.shape == shape
+    np.testing.assert_array_equal(decoded, mask)
+    # The same encoding as pycocotools' (what COCO tools read).
+    reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert rle["counts"] == reference["counts"].decode("ascii")
+    assert int(coco_mask.area(reference)) == int(mask.sum())
+
+
+def test_rle_of_non_contiguous_and_uint8_masks():
+    rng = np.random.default_rng(1)
+    mask = rng.random((20, 30)) < 0.5
+    for variant in (mask.T, mask[::2, ::3], mask.astype(np.uint8)):
+        np.testing.assert_array_equal(utils.rle_to_mask(utils.mask_to_rle(variant), *variant.shape), variant != 0)
+
+
+def test_uncompressed_rle_by_hand():
+    # COCO RLE runs are column-major and start with a run of zeros:
+    #   row 0: 0 1 1 0
+    #   row 1: 0 1 0 0      columns top to bottom: (0 0 1) (1 1 1) (1 0 0) (0 0 0)
+    #   row 2: 1 1 0 0      -> 2 zeros, 5 ones, 5 zeros
+    expected = np.array([[0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=bool)
+    got = utils.rle_to_mask({"size": [3, 4], "counts": [2, 5, 5]}, 3, 4)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, expected)
+    # Starting with ones: the first run of zeros is empty.
+    got = utils.rle_to_mask({"size": [2, 3], "counts": [0, 3, 3]}, 2, 3)
+    np.testing.assert_array_equal(got, np.array([[1, 1, 0], [1, 0, 0]], dtype=bool))
+    # And our encoding of the hand mask decodes to it (through pycocotools, independently of rle_to_mask).
+    rle = utils.mask_to_rle(expected)
+    np.testing.assert_array_equal(coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}),
+                                  expected.astype(np.uint8))
+
+
+def test_polygons_to_mask_rectangle():
+    # A rectangle from x 2 to 6 and y 1 to 4 covers the pixels whose squares [i, i+1) lie inside it:
+    # columns 2..5, rows 1..3.
+    mask = utils.polygons_to_mask([[2, 1, 6, 1, 6, 4, 2, 4]], 8, 10)
+    expected = np.zeros((8, 10), dtype=bool)
+    expected[1:4, 2:6] = True
+    assert mask.dtype == bool and mask.shape == (8, 10)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_polygons_to_mask_merges_several_polygons():
+    square = [1, 1, 3, 1, 3, 3, 1, 3]
+    rectangle = [5.0, 2.0, 9.0, 2.0, 9.0, 7.0, 5.0, 7.0]
+    mask = utils.polygons_to_mask([square, rectangle], 8, 10)
+    expected = np.zeros((8, 10), dtype=bool)
+    expected[1:3, 1:3] = True
+    expected[2:7, 5:9] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+
+
+def test_image_to_tensor():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    image[0, 0] = (0, 128, 255)
+    tensor = utils.image_to_tensor(image)
+    assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.float32
+    assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
+    torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([0.0, 128 / 255, 1.0]))
+    for c in range(3):
+        np.testing.assert_allclose(tensor[c].numpy(), image[..., c] / 255.0, rtol=0, atol=1e-7)
+    # A view with negative strides is fine; the input is not modified.
+    flipped = image[:, ::-1]
+    np.testing.assert_allclose(utils.image_to_tensor(flipped)[1].numpy(), flipped[..., 1] / 255.0, atol=1e-7)
+    assert image[0, 0, 2] == 255
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((5, 7, 3), dtype=np.float32), "uint8"),
+    (np.zeros((5, 7), dtype=np.uint8), "HxWx3"),
+    (np.zeros((5, 7, 4), dtype=np.uint8), "HxWx3"),
+    (np.zeros((3, 5, 7), dtype=np.uint8), "HxWx3"),
+    (torch.zeros(5, 7, 3, dtype=torch.uint8), "numpy"),
+])
+def test_image_to_tensor_rejects(image, match):
+    with pytest.raises(ValueError, match=match):
+        utils.image_to_tensor(image)
+
+
+def test_load_image_rgb_grey_rgba(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(12, 9, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, size=(12, 9), dtype=np.uint8)
+    rgba = rng.integers(0, 256, size=(12, 9, 4), dtype=np.uint8)
+    for name, image in (("rgb.png", rgb), ("grey.png", grey), ("rgba.png", rgba)):
+        skimage.io.imsave(tmp_path / name, image, check_contrast=False)
+    loaded = utils.load_image(str(tmp_path / "rgb.png"))
+    assert loaded.dtype == np.uint8 and loaded.shape == (12, 9, 3)
+    np.testing.assert_array_equal(loaded, rgb)
+    loaded = utils.load_image(tmp_path / "grey.png")  # a Path works too
+    assert loaded.shape == (12, 9, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(loaded[..., c], grey)
+    loaded = utils.load_image(str(tmp_path / "rgba.png"))
+    assert loaded.shape == (12, 9, 3) and loaded.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(loaded, rgba[..., :3])
+    assert utils.image_to_tensor(loaded).shape == (3, 12, 9)
+
+
+def test_load_image_errors(tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        utils.load_image(str(missing))
+    broken = tmp_path / "broken.png"
+    broken.write_text("this is not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        utils.load_image(str(broken))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight files
+
+
+def test_load_state_dict_from_dict_and_file(tmp_path):
+    state = {"a": torch.arange(3.0), "b": torch.ones(2, 2)}
+    assert utils.load_state_dict(state) is state
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    for source in (str(path), path):
+        loaded = utils.load_state_dict(source)
+        assert set(loaded) == {"a", "b"} and torch.equal(loaded["a"], state["a"])
+
+
+def test_load_state_dict_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        utils.load_state_dict(str(tmp_path / "nothing.pth"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    for name, url in (("coco", torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url),
+                      ("imagenet", torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)):
+        with pytest.raises(RuntimeError) as error:
+            utils.load_state_dict(name, backbone="resnet50")
+        assert torch.hub.get_dir() in str(error.value) and url in str(error.value)
+
+
+def test_load_state_dict_downloads_by_name(monkeypatch):
+    urls = []
+
+    def fake(url, *args, **kwargs):
+        urls.append(url)
+        return {"x": torch.zeros(1)}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake)
+    assert set(utils.load_state_dict("coco_v2")) == {"x"}
+    utils.load_state_dict("imagenet", backbone="resnet101")
+    assert urls == [torchvision.models.detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url,
+                    torchvision.models.ResNet101_Weights.IMAGENET1K_V1.url]
