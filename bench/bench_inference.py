@@ -15,9 +15,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import skimage.data
 import torch
@@ -26,6 +24,9 @@ import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
+
 from config import Config  # noqa: E402
 from model import MaskRCNN  # noqa: E402
 
@@ -65,20 +66,6 @@ def peak_memory_mb(fn, device):
     fn()
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def median_seconds(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def differences(a, b):

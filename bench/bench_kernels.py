@@ -13,15 +13,16 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
 from torchvision import ops as tv_ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
+
 import nms as our_nms  # noqa: E402
 import roialign as our_roialign  # noqa: E402
 
@@ -44,21 +45,6 @@ def rois_on_map(k, batch, generator, device, dtype):
     boxes, _ = clustered_boxes(k, generator, "cpu", torch.float32)
     index = torch.randint(0, batch, (k, 1), generator=generator).float()
     return torch.cat([index, boxes], dim=1).to(device, dtype)
-
-
-def median_ms(fn, device, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def cases(device, dtype, generator):
@@ -109,9 +95,9 @@ def table(device, dtype, repeats):
         "|---|---:|---:|---:|",
     ]
     for name, theirs, ours in cases(device, dtype, generator):
-        t_ours = median_ms(ours, device, repeats)
+        t_ours = median_seconds(ours, device, repeats) * 1000
         try:
-            t_theirs = median_ms(theirs, device, repeats)
+            t_theirs = median_seconds(theirs, device, repeats) * 1000
         except (RuntimeError, NotImplementedError):  # e.g. no bfloat16 kernel in torchvision
             lines.append(f"| {name} | not supported | {t_ours:.2f} | - |")
         else:

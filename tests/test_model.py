@@ -359,8 +359,8 @@ def test_backward_reaches_every_trainable_parameter():
 
 def test_sgd_steps_reduce_the_loss():
     torch.manual_seed(0)
-    # The backbone is frozen and the images are small to save time; FPN, RPN and heads train.
-    model = MaskRCNN(small_config(TRAINABLE_BACKBONE_LAYERS=0, IMAGE_MIN_DIM_TRAIN=(96,))).train()
+    # The backbone is frozen to save time; FPN, RPN and heads train.
+    model = MaskRCNN(small_config(TRAINABLE_BACKBONE_LAYERS=0)).train()
     images, targets = train_samples()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.003, momentum=0.9)
     totals = []
