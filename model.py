@@ -369,7 +369,9 @@ def encode_boxes(reference: Tensor, proposals: Tensor, weights) -> Tensor:
 
 
 def decode_boxes(deltas: Tensor, boxes: Tensor, weights) -> Tensor:
-    """Boxes [N, K, 4] from deltas [N, K * 4] applied to boxes [N, 4] (the inverse of encode_boxes)."""
+    """Boxes [N, K, 4] from deltas [N, K * 4] applied to boxes [N, 4] (the inverse of encode_boxes).
+    Computed in float32 at least: under autocast the deltas may be bfloat16, far too coarse for pixels."""
+    deltas = deltas.to(torch.promote_types(deltas.dtype, torch.float32))
     boxes = boxes.to(deltas.dtype)
     wx, wy, ww, wh = weights
     widths = boxes[:, 2] - boxes[:, 0]
@@ -515,7 +517,7 @@ class RPN(nn.Module):
             idx = top[i]
             boxes = decode_boxes(deltas[i, idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))[:, 0]
             boxes = clip_boxes(boxes, size)
-            scores = torch.sigmoid(objectness[i, idx])
+            scores = torch.sigmoid(objectness[i, idx].float())
             keep = large_enough(boxes, c.RPN_MIN_SIZE) & (scores >= c.RPN_SCORE_THRESHOLD)
             boxes, scores, level = boxes[keep], scores[keep], levels[keep]
             keep = batched_nms(boxes, scores, level, c.RPN_NMS_THRESHOLD)[:post_nms]
@@ -578,8 +580,9 @@ class PyramidRoIAlign(nn.Module):
         for level, (feature, scale) in enumerate(zip(features, scales)):
             index = torch.where(levels == level)[0]
             if index.numel():
+                # RoIs stay in float32 whatever the features' dtype (bfloat16 cannot hold pixel positions).
                 out[index] = torch.ops.maskrcnn.roi_align(
-                    feature, rois[index].to(feature.dtype), scale, self.output_size, self.output_size,
+                    feature, rois[index], scale, self.output_size, self.output_size,
                     self.sampling_ratio, self.aligned,
                 )
         return out
@@ -779,7 +782,7 @@ class RoIHeads(nn.Module):
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)
-        scores = F.softmax(class_logits, -1)
+        scores = F.softmax(class_logits.float(), -1)
         results = []
         for boxes_i, scores_i, size in zip(boxes.split([len(p) for p in proposals]),
                                             scores.split([len(p) for p in proposals]), image_sizes):
@@ -791,7 +794,7 @@ class RoIHeads(nn.Module):
             return results
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_sizes)))
         labels = torch.cat([r["labels"] for r in results])
-        probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels][:, None].sigmoid()
+        probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels][:, None].float().sigmoid()
         for r, p in zip(results, probs.split([len(b) for b in mask_boxes])):
             r["masks"] = p
         return results
@@ -837,7 +840,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, size) -> Tensor:
     box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
     wy = interpolation_weights(box[:, 1], box[:, 3], height, m + 2, masks.dtype)
     wx = interpolation_weights(box[:, 0], box[:, 2], width, m + 2, masks.dtype)
-    return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
+    with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
+        return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
 
 
 def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
