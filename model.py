@@ -953,8 +953,10 @@ class MaskRCNN(nn.Module):
                 skipped_shape.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
             elif key in own:
                 loaded[key] = value
-        unexpected = sorted(set(state) - set(own) - set(excluded))
-        missing = sorted(set(own) - set(loaded))
+        # BatchNorm's step counter is loaded where the model has one and is never worth a warning.
+        optional = "num_batches_tracked"
+        unexpected = sorted(k for k in set(state) - set(own) - set(excluded) if not k.endswith(optional))
+        missing = sorted(k for k in set(own) - set(loaded) if not k.endswith(optional))
         self.load_state_dict(loaded, strict=False)
         logger.info("loaded %d of %d tensors", len(loaded), len(own))
         if skipped_shape:
@@ -988,8 +990,6 @@ def convert_state_dict(state: dict) -> dict:
     ]
     converted = OrderedDict()
     for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
         for pattern, replacement in legacy:
             key = re.sub(pattern, replacement, key)
         converted[key] = value

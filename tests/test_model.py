@@ -631,6 +631,15 @@ def test_mask_pool_size_sets_the_mask_resolution(small_detector, small_reference
     assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"].item() > 0
 
 
+def test_channels_last_switch_changes_only_the_layout(small_detector, small_reference):
+    assert small_detector.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    model = clone_with(small_detector, small_config(CHANNELS_LAST=False))
+    assert model.backbone.body.conv1.weight.is_contiguous()
+    assert not model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    (out,) = detections(model, [smooth_image(150, 200, seed=7)])
+    assert_same_detections(small_reference.out, out, min_detections=10)
+
+
 def test_anchor_ratios_set_the_anchors_per_location():
     model = MaskRCNN(small_config(ANCHOR_RATIOS=(0.5, 1.0)))
     assert model.rpn.head.cls_logits.out_channels == 2
