@@ -470,8 +470,9 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             t = self.conv(x)
-            n, a, h, w = self.cls_logits(t).shape
-            logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(n, -1))
+            objectness = self.cls_logits(t)
+            n, a, h, w = objectness.shape
+            logits.append(objectness.permute(0, 2, 3, 1).reshape(n, -1))
             deltas.append(self.bbox_pred(t).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
         return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
 
@@ -635,15 +636,13 @@ class BoxPredictor(nn.Module):
 
 def mask_head(channels: int, width: int, convs: int, norm: Optional[str]) -> nn.Sequential:
     """`convs` x (3x3 conv (+ BN in v2) + ReLU), as `mask_head.{i}.0`."""
-    layers = []
-    for i in range(convs):
-        layers.append(conv_norm_relu(channels if i == 0 else width, width, norm))
-    for m in nn.Sequential(*layers).modules():
+    head = nn.Sequential(*[conv_norm_relu(channels if i == 0 else width, width, norm) for i in range(convs)])
+    for m in head.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    return nn.Sequential(*layers)
+    return head
 
 
 class MaskPredictor(nn.Module):
