@@ -102,6 +102,21 @@ MASKRCNN_HOST_DEVICE bool bilinear_taps(A y, A x, int64_t height, int64_t width,
   return true;
 }
 
+// Calls visit(taps) for every sample of bin (ph, pw) that lies on the map (the others contribute 0).
+template <typename A, typename Visit>
+MASKRCNN_HOST_DEVICE void for_each_sample(const RoiGeometry<A>& g, int ph, int pw, int64_t height, int64_t width,
+                                          Visit visit) {
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const A y = sample_y(g, ph, iy);
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      BilinearTaps<A> taps;
+      if (bilinear_taps(y, sample_x(g, pw, ix), height, width, &taps)) {
+        visit(taps);
+      }
+    }
+  }
+}
+
 inline void check_roi_align_args(const at::Tensor& rois, double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                  const char* op) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,

@@ -66,23 +66,16 @@ void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t ch
       for (int pw = 0; pw < pooled_w; ++pw) {
         std::fill(sum.begin(), sum.end(), A(0));
         A* __restrict__ acc = sum.data();
-        for (int iy = 0; iy < g.grid_h; ++iy) {
-          const A y = sample_y(g, ph, iy);
-          for (int ix = 0; ix < g.grid_w; ++ix) {
-            BilinearTaps<A> t;
-            if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, &t)) {
-              continue;
-            }
-            const A* __restrict__ v1 = image + t.offset[0] * channels;
-            const A* __restrict__ v2 = image + t.offset[1] * channels;
-            const A* __restrict__ v3 = image + t.offset[2] * channels;
-            const A* __restrict__ v4 = image + t.offset[3] * channels;
-            const A w1 = t.weight[0], w2 = t.weight[1], w3 = t.weight[2], w4 = t.weight[3];
-            for (int64_t c = 0; c < channels; ++c) {
-              acc[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
-            }
+        for_each_sample(g, ph, pw, height, width, [&](const BilinearTaps<A>& t) {
+          const A* __restrict__ v1 = image + t.offset[0] * channels;
+          const A* __restrict__ v2 = image + t.offset[1] * channels;
+          const A* __restrict__ v3 = image + t.offset[2] * channels;
+          const A* __restrict__ v4 = image + t.offset[3] * channels;
+          const A w1 = t.weight[0], w2 = t.weight[1], w3 = t.weight[2], w4 = t.weight[3];
+          for (int64_t c = 0; c < channels; ++c) {
+            acc[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
           }
-        }
+        });
         A* out = output + (k * channels * pooled_h + ph) * pooled_w + pw;
         for (int64_t c = 0; c < channels; ++c) {
           out[c * bin_stride] = acc[c] / g.count;
@@ -106,22 +99,15 @@ void backward_typed(const A* grad, const A* rois, int64_t rois_count, int64_t ch
       for (int ph = 0; ph < pooled_h; ++ph) {
         for (int pw = 0; pw < pooled_w; ++pw) {
           const A* __restrict__ g_bin = grad + ((k * pooled_h + ph) * pooled_w + pw) * channels;
-          for (int iy = 0; iy < g.grid_h; ++iy) {
-            const A y = sample_y(g, ph, iy);
-            for (int ix = 0; ix < g.grid_w; ++ix) {
-              BilinearTaps<A> t;
-              if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, &t)) {
-                continue;
-              }
-              for (int tap = 0; tap < 4; ++tap) {
-                A* __restrict__ target = image + t.offset[tap] * channels;
-                const A w = t.weight[tap];
-                for (int64_t c = c_begin; c < c_end; ++c) {
-                  target[c] += g_bin[c] * w / g.count;  // torchvision's order: (grad * w) / count
-                }
+          for_each_sample(g, ph, pw, height, width, [&](const BilinearTaps<A>& t) {
+            for (int tap = 0; tap < 4; ++tap) {
+              A* __restrict__ target = image + t.offset[tap] * channels;
+              const A w = t.weight[tap];
+              for (int64_t c = c_begin; c < c_end; ++c) {
+                target[c] += g_bin[c] * w / g.count;  // torchvision's order: (grad * w) / count
               }
             }
-          }
+          });
         }
       }
     }

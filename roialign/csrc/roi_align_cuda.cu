@@ -64,21 +64,14 @@ __global__ void forward_kernel(int64_t total, const T* __restrict__ input, const
     A sum = 0;
     if (g.batch >= 0 && g.batch < s.batch) {  // out-of-range indices are rejected on the host; never read
       const T* image = input + g.batch * s.channels * plane;
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        const A y = sample_y(g, ph, iy);
-        for (int ix = 0; ix < g.grid_w; ++ix) {
-          BilinearTaps<A> t;
-          if (!bilinear_taps(y, sample_x(g, pw, ix), s.height, s.width, &t)) {
-            continue;
-          }
-          A v[4];
-          for (int tap = 0; tap < 4; ++tap) {
-            v[tap] = static_cast<A>(kChannelsLast ? image[t.offset[tap] * s.channels + c]
-                                                  : image[c * plane + t.offset[tap]]);
-          }
-          sum += t.weight[0] * v[0] + t.weight[1] * v[1] + t.weight[2] * v[2] + t.weight[3] * v[3];
+      for_each_sample(g, ph, pw, s.height, s.width, [&](const BilinearTaps<A>& t) {
+        A v[4];
+        for (int tap = 0; tap < 4; ++tap) {
+          v[tap] = static_cast<A>(kChannelsLast ? image[t.offset[tap] * s.channels + c]
+                                                : image[c * plane + t.offset[tap]]);
         }
-      }
+        sum += t.weight[0] * v[0] + t.weight[1] * v[1] + t.weight[2] * v[2] + t.weight[3] * v[3];
+      });
     }
     output[((k * s.channels + c) * s.pooled_h + ph) * s.pooled_w + pw] = static_cast<T>(sum / g.count);
   }
@@ -101,18 +94,11 @@ __global__ void backward_atomic_kernel(int64_t total, const T* __restrict__ grad
     }
     const A grad_bin = static_cast<A>(grad[index]);
     A* image = grad_input + (g.batch * s.channels + c) * plane;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const A y = sample_y(g, ph, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        BilinearTaps<A> t;
-        if (!bilinear_taps(y, sample_x(g, pw, ix), s.height, s.width, &t)) {
-          continue;
-        }
-        for (int tap = 0; tap < 4; ++tap) {
-          atomicAdd(image + t.offset[tap], grad_bin * t.weight[tap] / g.count);
-        }
+    for_each_sample(g, ph, pw, s.height, s.width, [&](const BilinearTaps<A>& t) {
+      for (int tap = 0; tap < 4; ++tap) {
+        atomicAdd(image + t.offset[tap], grad_bin * t.weight[tap] / g.count);
       }
-    }
+    });
   }
 }
 
