@@ -1,4 +1,5 @@
 # make venv   create .venv with requirements.txt and the project (which builds the kernels)
+# make demo   write the synthetic shapes data, train on it (about 10 min on 2 CPU cores), evaluate, draw
 # make test   run the tests (sets up .venv first if needed)
 # make bench  run the kernel benchmarks against torchvision
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KERNEL_SOURCES := $(wildcard nms/csrc/* roialign/csrc/*)
 
-.PHONY: venv test bench lint clean
+.PHONY: venv demo test bench lint clean
 
 venv: $(VENV)/.requirements $(VENV)/.kernels
 
@@ -19,6 +20,11 @@ $(VENV)/.requirements: requirements.txt
 $(VENV)/.kernels: $(VENV)/.requirements setup.py extensions.py $(KERNEL_SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+demo: venv
+	rm -rf runs/demo
+	$(PY) train.py --config shapes --out runs/demo
+	$(PY) visualize.py --weights runs/demo/last.pth --out runs/demo/pictures
 
 test: venv
 	$(VENV)/bin/ruff check .

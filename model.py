@@ -187,12 +187,23 @@ class ResNet(nn.Module):
         return [c2, c3, c4, c5]
 
     def freeze(self, trainable_layers: int):
-        """Trains only the top `trainable_layers` stages (layer4, layer3, ..., conv1)."""
+        """Trains only the top `trainable_layers` stages (layer4, layer3, ..., conv1). The BatchNorm
+        layers of frozen stages also keep their running statistics (they stay in eval mode)."""
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         if trainable_layers == 5:
             trainable.append("bn1")
+        self.frozen_norms = [m for name, m in self.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             and not any(name.startswith(layer) for layer in trainable)]
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(any(name.startswith(layer) for layer in trainable))
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for norm in getattr(self, "frozen_norms", []):
+            norm.eval()
+        return self
 
 
 ############################################################
@@ -295,9 +306,10 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
         if targets is not None:
             target = dict(targets[i])
             ratio_h, ratio_w = image.shape[-2] / h, image.shape[-1] / w
-            target["boxes"] = target["boxes"] * torch.tensor(
-                [ratio_w, ratio_h, ratio_w, ratio_h], dtype=target["boxes"].dtype, device=image.device
-            )
+            scale_xyxy = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], device=image.device)
+            for key in ("boxes", "crowd_boxes"):
+                if key in target:
+                    target[key] = target[key] * scale_xyxy.to(target[key].dtype)
             if "masks" in target:
                 masks = target["masks"]
                 target["masks"] = F.interpolate(masks[:, None].float(), size=image.shape[-2:])[:, 0].byte()
@@ -446,6 +458,19 @@ def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float):
     return pos_mask, neg_mask
 
 
+def inside_crowd(boxes: Tensor, target: dict, threshold: float) -> Tensor:
+    """[N] bool: boxes whose intersection with one of the target's crowd regions ("crowd_boxes",
+    optional) covers more than `threshold` of their own area. They are left out of sampling."""
+    crowd = target.get("crowd_boxes")
+    if crowd is None or crowd.shape[0] == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    crowd = crowd.to(boxes)
+    top_left = torch.max(boxes[:, None, :2], crowd[None, :, :2])
+    bottom_right = torch.min(boxes[:, None, 2:], crowd[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    return (inter / utils.box_area(boxes).clamp(min=1e-6)[:, None]).amax(dim=1) > threshold
+
+
 ############################################################
 #  Region Proposal Network
 ############################################################
@@ -533,6 +558,7 @@ class RPN(nn.Module):
             matches = self.matcher(utils.box_iou(gt, anchors))
             label = (matches >= 0).to(objectness.dtype)
             label[matches == Matcher.BETWEEN] = -1
+            label[(label == 0) & inside_crowd(anchors, target, c.CROWD_IGNORE_THRESHOLD)] = -1
             labels.append(label)
             reference.append(gt[matches.clamp(min=0)] if gt.shape[0] else torch.zeros_like(anchors))
         pos, neg = zip(*(sample_balanced(lab, c.RPN_BATCH_SIZE_PER_IMAGE, c.RPN_POSITIVE_FRACTION) for lab in labels))
@@ -732,6 +758,7 @@ class RoIHeads(nn.Module):
             labels = labels.clone()
             labels[matches == Matcher.BELOW_LOW] = 0
             labels[matches == Matcher.BETWEEN] = -1
+            labels[(labels == 0) & inside_crowd(boxes, target, c.CROWD_IGNORE_THRESHOLD)] = -1
             pos, neg = sample_balanced(labels, c.ROI_BATCH_SIZE_PER_IMAGE, c.ROI_POSITIVE_FRACTION)
             keep = torch.where(pos | neg)[0]
             sampled.append((boxes[keep], labels[keep], matches[keep].clamp(min=0)))
@@ -763,12 +790,13 @@ class RoIHeads(nn.Module):
             positive_labels.append(lab[keep])
             rois = torch.cat([m[keep, None].to(b.dtype), b[keep]], dim=1)
             gt_masks = targets[i]["masks"][:, None].to(b.dtype)
-            mask_targets.append(roi_align(gt_masks, rois, c.MASK_SIZE, 1.0, -1, False)[:, 0]
+            mask_targets.append(roi_align(gt_masks, rois, c.MASK_SIZE, 1.0, -1, c.POOL_ALIGNED)[:, 0]
                                 if rois.shape[0] else b.new_zeros((0, c.MASK_SIZE, c.MASK_SIZE)))
         positive_labels = torch.cat(positive_labels)
         if positive_labels.numel() == 0:
             # Keeps every mask parameter in the graph (zero gradient), which DDP needs.
-            losses["loss_mask"] = sum(p.sum() for p in self.mask_predictor.parameters()) * 0
+            mask_parameters = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
+            losses["loss_mask"] = sum(p.sum() for p in mask_parameters) * 0
             return losses
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, positive_boxes, image_sizes)))
         mask_logits = mask_logits[torch.arange(positive_labels.numel(), device=labels.device), positive_labels]
@@ -873,7 +901,8 @@ class MaskRCNN(nn.Module):
     forward(images, targets=None):
         images: list of [3, H, W] float tensors in [0, 1] (sizes may differ).
         targets (training): per image a dict with boxes [K, 4] float (x1, y1, x2, y2) in pixels,
-            labels [K] int64 in 1..NUM_CLASSES-1, masks [K, H, W] uint8/bool.
+            labels [K] int64 in 1..NUM_CLASSES-1, masks [K, H, W] uint8/bool, and optionally
+            crowd_boxes [C, 4]: regions where anchors and proposals count as neither object nor background.
         Training returns a dict of scalar losses. Evaluation returns per image a dict with boxes
         [D, 4], labels [D], scores [D] and masks [D, 1, H, W] (probabilities) at the image's size.
     detect(images): numpy HxWx3 uint8 RGB images (or paths) -> per image numpy boxes, class_ids,

@@ -929,3 +929,49 @@ def test_detect_rejects_bad_images(checker, image):
 def test_detect_wants_a_list(checker):
     with pytest.raises(ValueError, match="list"):
         checker.detect(np.zeros((100, 120, 3), dtype=np.uint8))
+
+
+############################################################
+#  Crowd regions
+############################################################
+
+
+def test_inside_crowd_by_hand():
+    # Crowd region [0, 0, 10, 10]. Box A lies inside it (IoA 1); box B overlaps it by half its area
+    # (IoA 0.5); box C by 80% (IoA 0.8); box D is elsewhere.
+    boxes = torch.tensor([[2.0, 2, 6, 6], [5, 0, 15, 10], [2, 0, 12, 10], [20, 20, 30, 30]])
+    target = {"crowd_boxes": torch.tensor([[0.0, 0, 10, 10]])}
+    assert model_module.inside_crowd(boxes, target, 0.7).tolist() == [True, False, True, False]
+    assert model_module.inside_crowd(boxes, target, 0.4).tolist() == [True, True, True, False]
+    assert not model_module.inside_crowd(boxes, {}, 0.7).any()
+
+
+def test_crowd_regions_are_neither_positive_nor_negative():
+    # An image whose only object is a crowd region: every anchor inside it is left out of the RPN's
+    # sampled negatives, so its objectness loss is the same whatever the head predicts there.
+    torch.manual_seed(0)
+    config = small_config()
+    model = MaskRCNN(config).train()
+    image, target = shapes_sample(128, 128, [(20, 20, 90, 90)], [1])
+    crowd_target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
+                    "masks": torch.zeros((0, 128, 128), dtype=torch.uint8),
+                    "crowd_boxes": target["boxes"].clone()}
+    anchors = model_module.generate_anchors(model.backbone(image[None]), (128, 128), config)
+    inside = model_module.inside_crowd(anchors, crowd_target, config.CROWD_IGNORE_THRESHOLD)
+    assert inside.any() and not inside.all()
+    labels_seen = []
+    original = model_module.sample_balanced
+
+    def spy(labels, batch_size, fraction):
+        labels_seen.append(labels.clone())
+        return original(labels, batch_size, fraction)
+
+    model_module.sample_balanced = spy
+    try:
+        losses = model([image, image], [crowd_target, {k: v for k, v in crowd_target.items() if k != "crowd_boxes"}])
+    finally:
+        model_module.sample_balanced = original
+    assert all(torch.isfinite(v) for v in losses.values())
+    rpn_with_crowd, rpn_without = labels_seen[0], labels_seen[1]
+    assert (rpn_with_crowd[inside] == -1).all() and (rpn_with_crowd[~inside] == 0).all()
+    assert (rpn_without == 0).all()  # no objects and no crowd: every anchor is a negative

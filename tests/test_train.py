@@ -1,0 +1,534 @@
+"""Tests of train.py: a short run and everything it writes, the learning-rate schedule, exact resumption
+(after --iters, and after a real SIGKILL), two processes under torchrun (gloo), the stop on a non-finite
+loss, atomic checkpoints, staged training and clear errors on bad input.
+
+Everything runs on CPU with a tiny model on a tiny shapes data set (64 px images), one thread per process
+(the machine is shared). Expected values are hand-computed from the documented formulas, or come from
+comparing two ways of running that must agree bit for bit (an uninterrupted run against a stopped and
+resumed one).
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import coco
+import model as model_module
+import shapes
+import train
+from config import Config, named_config
+from model import MaskRCNN
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny, fast model; MAX_ITERS=8 with a checkpoint every 2 iterations. Later --set values override these.
+SETTINGS = [
+    "IMAGE_MIN_DIM=64", "IMAGE_MAX_DIM=64", "IMAGE_MIN_DIM_TRAIN=(64,)", "FPN_CHANNELS=16", "BOX_HEAD_DIM=32",
+    "MASK_HEAD_CHANNELS=16", "MASK_HEAD_CONVS=1", "RPN_PRE_NMS_TOP_N_TRAIN=50", "RPN_POST_NMS_TOP_N_TRAIN=30",
+    "RPN_PRE_NMS_TOP_N_TEST=50", "RPN_POST_NMS_TOP_N_TEST=30", "ROI_BATCH_SIZE_PER_IMAGE=16",
+    "RPN_BATCH_SIZE_PER_IMAGE=32", "BATCH_SIZE=2", "NUM_WORKERS=0", "MAX_ITERS=8", "WARMUP_ITERS=2", "LOG_PERIOD=1",
+    "CHECKPOINT_PERIOD=2", "LEARNING_RATE=0.01",
+]  # fmt: skip
+LOSS_KEYS = {"loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+STAT_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): the machine has 2 busy cores, and the
+    in-process runs are compared bit for bit with subprocess runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny shapes data set: 16 training and 4 validation images of 64x64."""
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    shapes.generate(root, train=16, val=4, size=64, seed=0)
+    return root
+
+
+def train_args(data, out, *settings, resume=False, iters=None):
+    args = ["--config", "shapes", "--data", str(data), "--out", str(out)]
+    if resume:
+        args.append("--resume")
+    if iters is not None:
+        args += ["--iters", str(iters)]
+    if settings:
+        args += ["--set", *settings]
+    return args
+
+
+def run(data, out, *settings, resume=False, iters=None):
+    """train.py in this process: the full SETTINGS plus `settings` on a fresh run; only `settings` on
+    resume (the checkpoint holds the rest)."""
+    train.main(train_args(data, out, *(settings if resume else (*SETTINGS, *settings)), resume=resume,
+                          iters=iters))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def initial_weights(*settings):
+    """The weights train.py starts from: it seeds torch with SEED + rank right before building the model."""
+    config = named_config("shapes").override([*SETTINGS, *settings])
+    torch.manual_seed(config.SEED)
+    return MaskRCNN(config).state_dict()
+
+
+def log_records(out):
+    with open(Path(out) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def training_records(out):
+    return [r for r in log_records(out) if "loss" in r]
+
+
+def different(a: dict, b: dict, prefix=""):
+    """Names (starting with `prefix`) of the tensors that differ between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return [k for k in a if k.startswith(prefix) and not torch.equal(a[k], b[k])]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    assert different(a, b) == []
+
+
+def assert_same_momentum(a: dict, b: dict):
+    """Two optimizer state dicts have the same momentum buffers (bit for bit) for the same parameters."""
+    assert a["state"].keys() == b["state"].keys()
+    assert len(a["state"]) > 0
+    for index in a["state"]:
+        assert torch.equal(a["state"][index]["momentum_buffer"], b["state"][index]["momentum_buffer"]), index
+
+
+def leftovers(out):
+    """Temporary files left in an output folder."""
+    return sorted(p.name for p in Path(out).iterdir() if ".tmp" in p.name)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run of SETTINGS (8 iterations), the reference for the resumed ones."""
+    out = tmp_path_factory.mktemp("reference")
+    run(data, out)
+    return out
+
+
+############################################################
+#  Learning rate
+############################################################
+
+
+def test_lr_factor_step_schedule_with_warmup():
+    config = Config(WARMUP_ITERS=4, WARMUP_FACTOR=0.1, LR_SCHEDULE="step", LR_STEPS=(6, 8), LR_GAMMA=0.1,
+                    MAX_ITERS=10)
+    # warm-up: 0.1 * (1 - it / 4) + it / 4 until iteration 4; then x 0.1 at 6 and again at 8.
+    expected = {0: 0.1, 1: 0.325, 2: 0.55, 3: 0.775, 4: 1.0, 5: 1.0, 6: 0.1, 7: 0.1, 8: 0.01, 10: 0.01}
+    assert {it: train.lr_factor(it, config) for it in expected} == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_factor_cosine_schedule_with_warmup():
+    config = Config(WARMUP_ITERS=4, WARMUP_FACTOR=0.1, LR_SCHEDULE="cosine", MAX_ITERS=10)
+    # warm-up as above times 0.5 * (1 + cos(pi * it / 10)), 0 from MAX_ITERS on:
+    # it 2: 0.55 * 0.5 * (1 + cos(0.2 pi)) = 0.55 * 0.9045084972 = 0.4974796735
+    # it 4: 0.5 * (1 + cos(0.4 pi)) = 0.6545084972;  it 5: 0.5;  it 8: 0.5 * (1 + cos(0.8 pi)) = 0.0954915028
+    expected = {0: 0.1, 2: 0.4974796735, 4: 0.6545084972, 5: 0.5, 8: 0.0954915028, 10: 0.0, 12: 0.0}
+    got = {it: train.lr_factor(it, config) for it in expected}
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+############################################################
+#  A short run and its outputs
+############################################################
+
+
+def test_short_run_writes_logs_checkpoints_and_metrics(reference):
+    out = reference
+    records = training_records(out)
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    for record in records:
+        assert LOSS_KEYS | {"iteration", "lr", "images_per_second"} <= record.keys()
+        assert all(math.isfinite(record[k]) for k in LOSS_KEYS)
+        assert record["images_per_second"] > 0
+    # The lr logged at iteration k is the one set for the next step: LEARNING_RATE * lr_factor(k) with the
+    # shapes config's cosine schedule, WARMUP_FACTOR 0.001, WARMUP_ITERS 2, MAX_ITERS 8:
+    # k=1: 0.01 * (0.001 * 0.5 + 0.5) * 0.5 * (1 + cos(pi / 8)) = 0.01 * 0.5005 * 0.9619397663
+    # k=2: 0.01 * 0.5 * (1 + cos(pi / 4)) = 0.01 * 0.8535533906;  k=4: 0.01 * 0.5;  k=8: 0
+    lrs = {r["iteration"]: r["lr"] for r in records}
+    expected = {1: 0.004814508530, 2: 0.008535533906, 4: 0.005, 8: 0.0}
+    assert {k: lrs[k] for k in expected} == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    # lr rises during warm-up, then only falls.
+    assert lrs[1] < lrs[2] and all(lrs[k] > lrs[k + 1] for k in range(2, 8))
+
+    checkpoint = load(out / "last.pth")
+    assert {"model", "optimizer", "scheduler", "scaler", "iteration", "rng", "config"} <= checkpoint.keys()
+    assert checkpoint["iteration"] == 8
+    assert checkpoint["config"]["MAX_ITERS"] == 8 and checkpoint["config"]["FPN_CHANNELS"] == 16
+    assert len(checkpoint["rng"]) == 1 and {"torch", "numpy", "python"} <= checkpoint["rng"][0].keys()
+    assert checkpoint["scheduler"]["last_epoch"] == 8
+    for iteration in (2, 4, 6, 8):
+        assert load(out / f"model_{iteration:07d}.pth")["iteration"] == iteration
+    assert not (out / "model_0000001.pth").exists() and not (out / "model_0000003.pth").exists()
+    assert_same_state(load(out / "model_0000008.pth")["model"], checkpoint["model"])
+    assert list(out.glob("events.out.tfevents.*"))
+    assert json.loads((out / "config.json").read_text())["LEARNING_RATE"] == 0.01
+
+    # Every weight trained (all stages train in the shapes config; weight decay moves even unused ones).
+    initial = initial_weights()
+    weights = [k for k in initial if k.endswith(".weight")]
+    assert weights
+    assert [k for k in weights if torch.equal(initial[k], checkpoint["model"][k])] == []
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for kind in ("bbox", "segm"):
+        assert STAT_KEYS <= metrics[kind].keys()
+        assert all(-1.0 <= metrics[kind][k] <= 1.0 for k in STAT_KEYS)
+    assert metrics["train_seconds"] > 0 and metrics["iteration"] == 8
+    evaluations = [r for r in log_records(out) if "eval" in r]
+    assert len(evaluations) == 1 and evaluations[0]["iteration"] == 8
+    assert evaluations[0]["eval"]["bbox"] == metrics["bbox"]
+    assert leftovers(out) == []
+
+
+############################################################
+#  Resuming
+############################################################
+
+
+def test_resume_after_iters_is_bit_for_bit_the_same_run(data, reference, tmp_path):
+    out = tmp_path / "b"
+    run(data, out, iters=3)
+    first = load(out / "last.pth")
+    assert first["iteration"] == 3
+    assert not (out / "metrics.json").exists()  # the final evaluation is for MAX_ITERS only
+    # The rest with a data-loading worker process: the data and the random streams must not depend on it.
+    run(data, out, "NUM_WORKERS=1", resume=True)
+
+    a, b = load(reference / "last.pth"), load(out / "last.pth")
+    assert b["iteration"] == 8 and b["config"]["NUM_WORKERS"] == 1
+    assert_same_state(a["model"], b["model"])
+    assert_same_momentum(a["optimizer"], b["optimizer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    # One log line per iteration, with the same losses as the uninterrupted run.
+    records = training_records(out)
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    keys = LOSS_KEYS | {"lr"}
+    assert [{k: r[k] for k in keys} for r in records] == [{k: r[k] for k in keys} for r in training_records(reference)]
+    assert json.loads((out / "metrics.json").read_text())["segm"] == json.loads(
+        (reference / "metrics.json").read_text())["segm"]
+
+
+def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SIGKILL):
+    """Starts `python train.py` and sends it `sig` once its log reports `min_iteration`. Returns False if
+    it finished first."""
+    out.mkdir(parents=True)
+    with open(out.parent / f"{out.name}.stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *train_args(data, out, *SETTINGS, f"MAX_ITERS={max_iters}")], cwd=REPO,
+            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                logged = []
+                if (out / "log.jsonl").exists():
+                    for line in (out / "log.jsonl").read_text().splitlines():
+                        try:
+                            logged.append(json.loads(line).get("iteration", 0))
+                        except json.JSONDecodeError:  # a line being written
+                            pass
+                if max(logged, default=0) >= min_iteration:
+                    process.send_signal(sig)
+                    process.wait(timeout=timeout)
+                    if sig == signal.SIGINT:
+                        assert process.returncode == 130, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
+                    return True
+                time.sleep(0.02)
+            if process.poll() is None:
+                pytest.fail(f"train.py logged no iteration {min_iteration} in {timeout} s")
+            assert process.returncode == 0, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
+            return False
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_resume_after_sigkill_is_bit_for_bit_the_same_run(data, reference, tmp_path):
+    out, max_iters = tmp_path / "killed", 8
+    if not kill_after(data, out, max_iters) or load(out / "last.pth")["iteration"] == max_iters:
+        # It finished before it could be killed: again with a run long enough to be caught halfway.
+        out, max_iters = tmp_path / "killed_long", 40
+        assert kill_after(data, out, max_iters), "train.py finished twice before it could be killed"
+    checkpoint = load(out / "last.pth")  # the newest complete checkpoint, whatever the kill interrupted
+    assert checkpoint["iteration"] % 2 == 0 and 2 <= checkpoint["iteration"] < max_iters
+    run(data, out, resume=True)
+
+    if max_iters == 8:
+        expected = reference
+    else:
+        expected = tmp_path / "uninterrupted"
+        run(data, expected, f"MAX_ITERS={max_iters}")
+    final = load(out / "last.pth")
+    assert final["iteration"] == max_iters
+    assert_same_state(load(expected / "last.pth")["model"], final["model"])
+    assert_same_momentum(load(expected / "last.pth")["optimizer"], final["optimizer"])
+    assert [r["iteration"] for r in training_records(out)] == list(range(1, max_iters + 1))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_bit_for_bit(data, reference, tmp_path):
+    out = tmp_path / "sigint"
+    if not kill_after(data, out, 8, sig=signal.SIGINT):
+        pytest.skip("train.py finished before the interrupt could be sent")
+    stopped = load(out / "last.pth")["iteration"]
+    assert 3 <= stopped <= 8  # saved right after the step that was running, not at the last period
+    assert [r["iteration"] for r in training_records(out)][-1] <= stopped
+    run(data, out, resume=True)
+    assert_same_state(load(reference / "last.pth")["model"], load(out / "last.pth")["model"])
+    assert [r["iteration"] for r in training_records(out)] == list(range(1, 9))
+
+
+def test_resume_after_ctrl_c_is_bit_for_bit_the_same_run(data, reference, tmp_path, monkeypatch):
+    original = model_module.RoIHeads.train_forward
+    calls = []
+
+    def train_forward(self, *args, **kwargs):  # Ctrl-C in the middle of step 3, after the RPN sampled anchors
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.RoIHeads, "train_forward", train_forward)
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stop:
+        run(data, out)
+    assert stop.value.code == 130
+    monkeypatch.undo()
+    # Stopped inside step 3 (as a second Ctrl-C does): nothing of that step is saved; the checkpoint of
+    # iteration 2 (CHECKPOINT_PERIOD=2) stands.
+    assert load(out / "last.pth")["iteration"] == 2
+    run(data, out, resume=True)
+    assert_same_state(load(reference / "last.pth")["model"], load(out / "last.pth")["model"])
+
+
+def test_resume_after_a_log_line_cut_short(data, tmp_path):
+    out = tmp_path / "cut"
+    run(data, out, iters=2)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iteration": 3, "lr": 0.00')  # e.g. the disk filled up while the line was written
+    run(data, out, resume=True, iters=3)
+    assert [r["iteration"] for r in training_records(out)] == [1, 2, 3]
+
+
+############################################################
+#  Two processes (DDP, gloo)
+############################################################
+
+
+def test_two_processes_under_torchrun_train_one_model(data, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "ddp_worker.py"), *train_args(data, out, *SETTINGS, "MAX_ITERS=3")]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    rank0, rank1 = load(out / "rank0.pth"), load(out / "rank1.pth")
+    # Parameters are the same on both ranks. BatchNorm's running statistics are each rank's own after
+    # its last forward pass (DDP broadcasts rank 0's at the start of every forward; rank 0's are saved).
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert_same_state({k: v for k, v in rank0.items() if not k.endswith(statistics)},
+                      {k: v for k, v in rank1.items() if not k.endswith(statistics)})
+    initial = initial_weights("MAX_ITERS=3")
+    assert len(different(initial, rank0)) > len(initial) // 2  # training did something
+    checkpoint = load(out / "last.pth")
+    assert checkpoint["iteration"] == 3
+    assert_same_state(checkpoint["model"], rank0)
+    # Each process's random state, gathered by the first one (seeded with SEED + rank, so different).
+    assert len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    # Only the first process logs: one line per iteration, one TensorBoard file.
+    assert [r["iteration"] for r in training_records(out)] == [1, 2, 3]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert {p.name for p in out.glob("*.pth")} == {"last.pth", "model_0000002.pth", "model_0000003.pth",
+                                                    "rank0.pth", "rank1.pth"}
+    assert json.loads((out / "metrics.json").read_text())["iteration"] == 3
+    assert leftovers(out) == []
+
+
+############################################################
+#  Failures: non-finite loss, a crash while saving
+############################################################
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch,
+                                                                                   caplog):
+    original = model_module.RoIHeads.train_forward
+    calls = []
+
+    def train_forward(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            losses["loss_mask"] = losses["loss_mask"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(model_module.RoIHeads, "train_forward", train_forward)
+    out = tmp_path / "nan"
+    caplog.set_level(logging.ERROR, logger="train")
+    with pytest.raises(SystemExit) as stopped:
+        run(data, out, "CHECKPOINT_PERIOD=1")
+    assert stopped.value.code == 1
+    assert len(calls) == 3
+    errors = [r.getMessage() for r in caplog.records if r.name == "train" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "iteration 3" in errors[0] and "loss_mask" in errors[0] and "loss_classifier" not in errors[0]
+    checkpoint = load(out / "last.pth")
+    assert checkpoint["iteration"] == 2
+    assert not (out / "model_0000003.pth").exists()
+    assert [r["iteration"] for r in training_records(out)] == [1, 2]
+    assert leftovers(out) == []
+
+
+def test_save_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
+    path = tmp_path / "state.pth"
+    train.save_atomic({"x": torch.arange(3), "iteration": 1}, str(path))
+    assert torch.equal(load(path)["x"], torch.arange(3))
+    train.save_atomic({"x": torch.arange(5), "iteration": 2}, str(path))
+    assert load(path)["iteration"] == 2 and torch.equal(load(path)["x"], torch.arange(5))
+
+    def failing_save(state, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_atomic({"x": torch.zeros(7), "iteration": 3}, str(path))
+    monkeypatch.undo()
+    assert load(path)["iteration"] == 2 and torch.equal(load(path)["x"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pth"]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_path, monkeypatch):
+    original = torch.save
+    last_writes = []
+
+    def save(state, f, *args, **kwargs):
+        if "last.pth.tmp" in getattr(f, "name", ""):
+            last_writes.append(state["iteration"])
+            if len(last_writes) == 2:
+                f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(28, "No space left on device")
+        return original(state, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "crash"
+    with pytest.raises(OSError, match="No space left"):
+        run(data, out, "CHECKPOINT_PERIOD=1")
+    monkeypatch.undo()
+    assert last_writes == [1, 2]
+    assert load(out / "last.pth")["iteration"] == 1
+    assert load(out / "model_0000001.pth")["iteration"] == 1
+    assert not (out / "model_0000002.pth").exists()
+    assert leftovers(out) == []
+
+
+############################################################
+#  Staged training
+############################################################
+
+
+def test_training_stages_freeze_then_train_the_backbone(data, tmp_path):
+    stages = "TRAINING_STAGES=((0, 'heads'), (2, 'all'))"
+    out = tmp_path / "stages"
+    run(data, out, stages, "MAX_ITERS=4")
+    initial = initial_weights(stages, "MAX_ITERS=4")
+    at_2, at_4 = load(out / "model_0000002.pth")["model"], load(out / "model_0000004.pth")["model"]
+    body = [k for k in initial if k.startswith("backbone.body.")]
+    heads = [k for k in initial if k.startswith(("backbone.fpn.", "rpn.", "roi_heads."))]
+    assert body and heads
+    # Iterations 1-2 ("heads"): the ResNet is exactly as initialised, everything after it trained.
+    assert different(initial, at_2, "backbone.body.") == []
+    assert set(different(initial, at_2)) >= {k for k in heads if k.endswith(".weight")}
+    # Iterations 3-4 ("all"): every ResNet weight trained too.
+    assert set(different(at_2, at_4, "backbone.body.")) >= {k for k in body if k.endswith(".weight")}
+
+
+############################################################
+#  Bad input
+############################################################
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(data, tmp_path):
+    out = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        run(data, out, resume=True)
+    assert "last.pth" in str(stopped.value.code) and "--resume" in str(stopped.value.code)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def copy_data(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy
+
+
+def test_corrupt_annotation_file_is_a_clear_error(data, tmp_path):
+    bad = copy_data(data, tmp_path)
+    annotations = bad / "annotations" / "instances_train.json"
+    annotations.write_text(annotations.read_text()[:100])  # cut short
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        run(data=bad, out=out)
+    assert str(annotations) in str(error.value)
+    assert not (out / "last.pth").exists() and not list(out.glob("model_*.pth"))
+
+
+@pytest.mark.parametrize("fault", ["garbage", "missing"])
+def test_unreadable_training_image_is_a_clear_error(data, tmp_path, fault):
+    bad = copy_data(data, tmp_path)
+    # The first image of the first batch (what the training sampler gives first).
+    dataset = coco.CocoDataset(str(bad), "train")
+    (index, _), _ = next(iter(coco.TrainingBatchSampler(dataset.aspect_ratios, 2, seed=0)))
+    image = bad / "train" / dataset.coco.imgs[dataset.image_ids[index]]["file_name"]
+    if fault == "garbage":
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    else:
+        image.unlink()
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        run(bad, out)
+    assert str(image) in str(error.value)
+    assert not (out / "last.pth").exists() and not list(out.glob("model_*.pth"))
+
+
+def test_mixed_precision_on_cpu_trains_with_finite_losses(data, tmp_path):
+    # --amp on CPU autocasts to bfloat16; the losses stay finite and the weights stay float32.
+    out = tmp_path / "amp"
+    train.main([*train_args(data, out, *SETTINGS, "MAX_ITERS=2"), "--amp"])
+    records = training_records(out)
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    state = load(out / "last.pth")["model"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    assert "bbox" in json.loads((out / "metrics.json").read_text())
