@@ -259,7 +259,7 @@ class ShapesConfig(Config):
       took GroupNorm runs from 0.686 to 0.712.
     - A short warm-up, then cosine decay to zero at MAX_ITERS, and gradient clipping, which keeps
       the first steps from scratch stable. 800 steps (6,400 images) fit in 10 minutes with room for
-      this machine's noise (0.55 to 0.70 s a step).
+      this machine's noise (0.55 to 0.71 s a step).
     - NCHW activations: for these small maps channels-last convolutions were not faster on CPU.
     """
 

@@ -165,8 +165,11 @@ class RunLog:
             os.replace(self.path + ".tmp", self.path)
         elif start == 0 and os.path.exists(self.path):
             os.remove(self.path)
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # e.g. a GPU machine with its own torch and no tensorboard package
+            logger.warning("tensorboard is not installed: no TensorBoard events (log.jsonl has the same numbers)")
+            return
         self.writer = SummaryWriter(out, purge_step=start if start > 0 else None)
 
     def write(self, record: dict):
@@ -174,6 +177,8 @@ class RunLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            return
         step = record["iteration"]
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "iteration":

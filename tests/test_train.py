@@ -532,3 +532,15 @@ def test_mixed_precision_on_cpu_trains_with_finite_losses(data, tmp_path):
     state = load(out / "last.pth")["model"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
     assert "bbox" in json.loads((out / "metrics.json").read_text())
+
+
+def test_training_without_tensorboard_still_logs(data, tmp_path, monkeypatch, caplog):
+    # A machine with its own torch may lack the tensorboard package: training goes on, log.jsonl
+    # has every step, and a warning says there are no events.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    out = tmp_path / "no_tensorboard"
+    with caplog.at_level(logging.WARNING, logger="train"):
+        run(data, out, "MAX_ITERS=2")
+    assert [r["iteration"] for r in training_records(out)] == [1, 2]
+    assert list(out.glob("events.out.tfevents.*")) == []
+    assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
