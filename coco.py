@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -104,12 +103,15 @@ class CocoDataset(torch.utils.data.Dataset):
         if hflip:
             image = image[:, ::-1]
             masks = masks[:, :, ::-1]
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-            crowd_boxes = torch.stack(
-                [width - crowd_boxes[:, 2], crowd_boxes[:, 1], width - crowd_boxes[:, 0], crowd_boxes[:, 3]], dim=1)
+            boxes, crowd_boxes = flip_boxes(boxes, width), flip_boxes(crowd_boxes, width)
         target = {"boxes": boxes, "labels": labels, "masks": torch.from_numpy(np.ascontiguousarray(masks)),
                   "crowd_boxes": crowd_boxes, "image_id": image_id}
         return utils.image_to_tensor(np.ascontiguousarray(image)), target
+
+
+def flip_boxes(boxes, width):
+    """(x1, y1, x2, y2) boxes of an image of this width, mirrored left to right."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def load_coco(annotation_file) -> COCO:
@@ -158,23 +160,16 @@ def clipped_box(ann, info):
 
 
 def annotation_mask(ann, height, width) -> np.ndarray:
-    """HxW uint8 mask of an annotation: polygons, RLE (compressed) or uncompressed RLE."""
+    """HxW bool mask of an annotation: polygons, RLE (compressed) or uncompressed RLE."""
     segmentation = ann["segmentation"]
     try:
-        if isinstance(segmentation, list):  # polygons
+        if isinstance(segmentation, list):  # polygons; fewer than 3 points make no area
             polygons = [p for p in segmentation if len(p) >= 6]
-            if not polygons:
-                return np.zeros((height, width), np.uint8)
-            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
-        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-            rle = coco_mask.frPyObjects(segmentation, height, width)
+            mask = utils.polygons_to_mask(polygons, height, width) if polygons else np.zeros((height, width), bool)
         elif isinstance(segmentation, dict):
-            rle = dict(segmentation)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
+            mask = utils.rle_to_mask(segmentation, height, width)
         else:
             raise TypeError(f"unknown segmentation type {type(segmentation).__name__}")
-        mask = coco_mask.decode(rle)
     except Exception as error:
         raise ValueError(f"annotation {ann.get('id')}: cannot decode its segmentation ({error})") from error
     if mask.shape != (height, width):
@@ -308,17 +303,7 @@ def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, 
 
 def write_json_atomic(path, data):
     """Writes JSON through a temporary file and a rename, so `path` is never half written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    utils.atomic_write(path, lambda f: json.dump(data, f, indent=1), mode="w")
 
 
 ############################################################

@@ -464,10 +464,7 @@ def inside_crowd(boxes: Tensor, target: dict, threshold: float) -> Tensor:
     crowd = target.get("crowd_boxes")
     if crowd is None or crowd.shape[0] == 0:
         return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    crowd = crowd.to(boxes)
-    top_left = torch.max(boxes[:, None, :2], crowd[None, :, :2])
-    bottom_right = torch.min(boxes[:, None, 2:], crowd[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    inter = utils.box_intersection(boxes, crowd.to(boxes))
     return (inter / utils.box_area(boxes).clamp(min=1e-6)[:, None]).amax(dim=1) > threshold
 
 

@@ -22,6 +22,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 from skimage.draw import disk, polygon
 
+import utils
 from coco import write_json_atomic
 
 CLASSES = ("square", "circle", "triangle", "star")  # category ids 1..4
@@ -102,12 +103,12 @@ def make_image(seed, split, index, size):
 
 
 def annotation(instance_id, image_id, kind, mask):
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = utils.mask_to_rle(mask)  # counts as str, as JSON needs
     x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
     return {
         "id": instance_id, "image_id": image_id, "category_id": kind + 1, "iscrowd": 0,
         "area": float(mask_utils.area(rle)), "bbox": [x, y, w, h],
-        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
     }
 
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import coco
+import utils
 from config import STAGE_LAYERS, Config, named_config
 from model import MaskRCNN
 
@@ -105,19 +106,8 @@ def trainable_layers(iteration: int, config: Config) -> int:
 
 
 def save_atomic(state: dict, path: str):
-    """torch.save through a temporary file in the same folder, flushed to disk, then renamed over
-    `path`: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through a temporary file that is renamed over `path` once complete."""
+    utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def rng_state(device) -> dict:

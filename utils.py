@@ -28,11 +28,16 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of every pair: a [N, 4], b [M, 4] -> [N, M]."""
+def box_intersection(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection area of every pair: a [N, 4], b [M, 4] -> [N, M]."""
     top_left = torch.max(a[:, None, :2], b[None, :, :2])
     bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    return (bottom_right - top_left).clamp(min=0).prod(dim=2)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every pair: a [N, 4], b [M, 4] -> [N, M]."""
+    inter = box_intersection(a, b)
     return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
 
 
@@ -125,3 +130,25 @@ def load_state_dict(source, backbone: str = "resnet50") -> dict:
             f"weights not found: {source!r} is neither a file nor one of {', '.join(['imagenet', *WEIGHT_URLS])}"
         )
     return torch.load(source, map_location="cpu", weights_only=False)
+
+
+############################################################
+#  Files
+############################################################
+
+
+def atomic_write(path, write, mode="wb"):
+    """Calls write(file) on a temporary file beside `path`, flushes it to disk and renames it over
+    `path`: a crash mid-write leaves the previous file intact and no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -90,37 +90,51 @@ def display_instances(image, boxes, masks, class_ids, class_names, scores=None, 
     `save_path` as a PNG of exactly HxW pixels. Options: colors, color_by, show_boxes, show_masks,
     show_labels, alpha, line_width, font_size.
     """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be HxWx3 uint8 RGB; got {image.shape} {image.dtype}")
+    image = check_image(image)
     if ax is not None:
         draw_instances(ax, image, boxes, masks, class_ids, class_names, scores, **options)
         if title:
             ax.set_title(title)
         return ax.figure
     height, width = image.shape[:2]
-    dpi = 100
-    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi) if save_path else plt.figure(
-        figsize=(width / dpi, height / dpi), dpi=dpi)
-    axes = figure.add_axes((0, 0, 1, 1))
-    draw_instances(axes, image, boxes, masks, class_ids, class_names, scores, **options)
-    if title:
-        axes.text(4, 4, title, color="white", fontsize=options.get("font_size", 9), verticalalignment="top",
-                  bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
+    size = (width / DPI, height / DPI)
+    # A file needs no pyplot figure (which a notebook would also show); Agg draws it.
+    figure = Figure(figsize=size, dpi=DPI) if save_path else plt.figure(figsize=size, dpi=DPI)
+    fill_figure(figure, image, boxes, masks, class_ids, class_names, scores, title, **options)
     if save_path:
         FigureCanvasAgg(figure)
         os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
-        figure.savefig(save_path, dpi=dpi)
+        figure.savefig(save_path, dpi=DPI)
     return figure
 
 
 def render_instances(image, boxes, masks, class_ids, class_names, scores=None, title=None, **options) -> np.ndarray:
     """display_instances drawn into an HxWx3 uint8 array instead of a figure."""
-    figure = display_instances(image, boxes, masks, class_ids, class_names, scores, title=title,
-                               save_path=os.devnull, **options)
-    canvas = figure.canvas
+    image = check_image(image)
+    figure = Figure(figsize=(image.shape[1] / DPI, image.shape[0] / DPI), dpi=DPI)
+    canvas = FigureCanvasAgg(figure)
+    fill_figure(figure, image, boxes, masks, class_ids, class_names, scores, title, **options)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+DPI = 100
+
+
+def check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB; got {image.shape} {image.dtype}")
+    return image
+
+
+def fill_figure(figure, image, boxes, masks, class_ids, class_names, scores, title, **options):
+    """Draws on one Axes that covers the whole figure, with the title in a box at the top left."""
+    axes = figure.add_axes((0, 0, 1, 1))
+    draw_instances(axes, image, boxes, masks, class_ids, class_names, scores, **options)
+    if title:
+        axes.text(4, 4, title, color="white", fontsize=options.get("font_size", 9), verticalalignment="top",
+                  bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
 
 
 def enlarge(image, boxes, masks, factor: int):
@@ -139,16 +153,13 @@ def enlarge(image, boxes, masks, factor: int):
 def draw_detections(model, dataset, out, count=8, scale=4, min_score=0.5):
     """Writes <out>/<image id>.png (ground truth left, detections right) for the first `count` images
     of a CocoDataset, and <out>/../detections.png with all of them in a grid. Returns the grid's path."""
-    import utils
-
     os.makedirs(out, exist_ok=True)
     names = model.config.CLASS_NAMES
     rows = []
     for index in range(min(count, len(dataset))):
-        image_id = dataset.image_ids[index]
-        info = dataset.coco.imgs[image_id]
-        image = utils.load_image(os.path.join(dataset.image_dir, info["file_name"]))
-        _, target = dataset[index]
+        tensor, target = dataset[index]
+        image = (tensor * 255).round().byte().permute(1, 2, 0).numpy()  # the file's uint8 pixels again
+        image_id = target["image_id"]
         result = model.detect([image])[0]
         keep = result["scores"] >= min_score
         gt = render_instances(*enlarge(image, target["boxes"].numpy(), target["masks"].numpy(), scale),
