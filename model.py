@@ -508,7 +508,9 @@ class RPN(nn.Module):
         self.head = RPNHead(config.FPN_CHANNELS, len(config.ANCHOR_RATIOS), config.RPN_CONVS)
         self.matcher = Matcher(config.RPN_FG_IOU_THRESHOLD, config.RPN_BG_IOU_THRESHOLD, True)
 
-    def forward(self, images: ImageBatch, features: list[Tensor], targets=None):
+    def forward(self, images: ImageBatch, features: list[Tensor], targets=None, record=None):
+        """Proposals [[Ki, 4]] per image and, in training, the RPN losses. `record` (inference views):
+        a list with a dict per image that receives the anchors and the proposals before and after NMS."""
         c = self.config
         objectness, deltas = self.head(features)
         anchors = generate_anchors(features, images.tensor.shape[-2:], c)
@@ -516,13 +518,18 @@ class RPN(nn.Module):
         pre_nms = c.RPN_PRE_NMS_TOP_N_TRAIN if self.training else c.RPN_PRE_NMS_TOP_N_TEST
         post_nms = c.RPN_POST_NMS_TOP_N_TRAIN if self.training else c.RPN_POST_NMS_TOP_N_TEST
         proposals = self.select_proposals(objectness.detach(), deltas.detach(), anchors, per_level, images.image_sizes,
-                                          pre_nms, post_nms)
+                                          pre_nms, post_nms, record)
+        if record is not None:
+            strides = [images.tensor.shape[-1] // f.shape[-1] for f in features]
+            for r in record:
+                r.update(anchors=list(anchors.split(per_level)), anchor_strides=strides,
+                         anchor_sizes=list(c.ANCHOR_SIZES[: len(features)]))
         losses = {}
         if self.training:
             losses = self.losses(objectness, deltas, anchors, targets)
         return proposals, losses
 
-    def select_proposals(self, objectness, deltas, anchors, per_level, image_sizes, pre_nms, post_nms):
+    def select_proposals(self, objectness, deltas, anchors, per_level, image_sizes, pre_nms, post_nms, record=None):
         """Top `pre_nms` anchors by objectness on each level, decoded, clipped, small ones dropped, NMS
         within each level, then the best `post_nms` of the image. Returns [[Ki, 4]] per image."""
         c = self.config
@@ -545,6 +552,9 @@ class RPN(nn.Module):
             boxes, scores, level = boxes[keep], scores[keep], levels[keep]
             keep = batched_nms(boxes, scores, level, c.RPN_NMS_THRESHOLD)[:post_nms]
             proposals.append(boxes[keep])
+            if record is not None:
+                record[i].update(proposals_before_nms=boxes, proposal_scores_before_nms=scores,
+                                 proposal_levels_before_nms=level, proposals=boxes[keep], proposal_scores=scores[keep])
         return proposals
 
     def losses(self, objectness, deltas, anchors, targets):
@@ -735,11 +745,11 @@ class RoIHeads(nn.Module):
         self.mask_predictor = MaskPredictor(c.MASK_HEAD_CHANNELS, c.MASK_HEAD_CHANNELS, c.NUM_CLASSES)
         self.matcher = Matcher(c.ROI_FG_IOU_THRESHOLD, c.ROI_BG_IOU_THRESHOLD, False)
 
-    def forward(self, features, proposals, image_sizes, targets=None):
+    def forward(self, features, proposals, image_sizes, targets=None, record=None):
         features = features[:4]  # P2-P5; P6 serves the RPN only
         if self.training:
             return self.train_forward(features, proposals, image_sizes, targets)
-        return self.detect(features, proposals, image_sizes)
+        return self.detect(features, proposals, image_sizes, record)
 
     # ---- training ----
     def sample(self, proposals, targets):
@@ -801,16 +811,20 @@ class RoIHeads(nn.Module):
         return losses
 
     # ---- inference ----
-    def detect(self, features, proposals, image_sizes):
+    def detect(self, features, proposals, image_sizes, record=None):
+        """Per image boxes, scores, labels and [D, 1, M, M] mask probabilities. `record` (inference views):
+        a dict per image that receives, for each detection, the proposal it was refined from."""
         c = self.config
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)
         scores = F.softmax(class_logits.float(), -1)
         results = []
-        for boxes_i, scores_i, size in zip(boxes.split([len(p) for p in proposals]),
-                                            scores.split([len(p) for p in proposals]), image_sizes):
-            results.append(self.postprocess_detections(boxes_i, scores_i, size))
+        for i, (boxes_i, scores_i, size) in enumerate(zip(boxes.split([len(p) for p in proposals]),
+                                                          scores.split([len(p) for p in proposals]), image_sizes)):
+            results.append(self.postprocess_detections(boxes_i, scores_i, size, with_source=record is not None))
+            if record is not None:
+                record[i]["detection_proposals"] = proposals[i][results[-1].pop("source")]
         mask_boxes = [r["boxes"] for r in results]
         if sum(len(b) for b in mask_boxes) == 0:
             for r in results:
@@ -823,19 +837,23 @@ class RoIHeads(nn.Module):
             r["masks"] = p
         return results
 
-    def postprocess_detections(self, boxes, scores, size):
-        """Per class: clip, drop background, low scores and tiny boxes, NMS per class, keep the best."""
+    def postprocess_detections(self, boxes, scores, size, with_source=False):
+        """Per class: clip, drop background, low scores and tiny boxes, NMS per class, keep the best.
+        with_source adds "source": the index of the proposal each detection was refined from."""
         c = self.config
         num_classes = scores.shape[1]
         boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)
         labels = torch.arange(1, num_classes, device=scores.device).repeat(scores.shape[0])
         scores = scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > c.DETECTION_MIN_CONFIDENCE)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        kept = torch.where(scores > c.DETECTION_MIN_CONFIDENCE)[0]
+        boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
         keep = torch.where(large_enough(boxes, c.DETECTION_MIN_SIZE))[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels, kept = boxes[keep], scores[keep], labels[keep], kept[keep]
         keep = batched_nms(boxes, scores, labels, c.DETECTION_NMS_THRESHOLD)[: c.DETECTION_MAX_INSTANCES]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        if with_source:
+            result["source"] = kept[keep] // (num_classes - 1)  # rows of (proposal, class) pairs
+        return result
 
 
 ############################################################
@@ -923,22 +941,42 @@ class MaskRCNN(nn.Module):
             check_targets(targets, images, self.config.NUM_CLASSES)
             min_size = self.config.IMAGE_MIN_DIM_TRAIN[int(torch.randint(len(self.config.IMAGE_MIN_DIM_TRAIN), ()))]
             batch, targets = preprocess(images, self.config, targets, min_size)
-        else:
-            batch, _ = preprocess(images, self.config)
-        features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
-        proposals, rpn_losses = self.rpn(batch, features, targets)
-        if self.training:
+            features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
+            proposals, rpn_losses = self.rpn(batch, features, targets)
             return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
-        results = self.roi_heads(features, proposals, batch.image_sizes)
-        for result, size, original in zip(results, batch.image_sizes, batch.original_sizes):
+        return self.infer(images)
+
+    def infer(self, images: list[Tensor], record: Optional[list[dict]] = None) -> list[dict]:
+        """Inference on [3, H, W] tensors (what forward does in eval mode). With `record`, a list of one
+        empty dict per image, also fills each dict with what the stages computed, in the image's own
+        pixels: anchors (a [A, 4] tensor per FPN level) with anchor_strides and anchor_sizes (in the
+        resized image the network saw, resize_scale (sy, sx) times the image), proposals_before_nms with
+        proposal_scores_before_nms and proposal_levels_before_nms, proposals (after NMS) with
+        proposal_scores, and per detection detection_proposals (the proposal its box was refined
+        from) and mask_probs [D, M, M] (the predicted class's mask before pasting)."""
+        batch, _ = preprocess(images, self.config)
+        features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
+        proposals, _ = self.rpn(batch, features, record=record)
+        results = self.roi_heads(features, proposals, batch.image_sizes, record=record)
+        for i, (result, size, original) in enumerate(zip(results, batch.image_sizes, batch.original_sizes)):
             ratio = torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=result["boxes"].device)
             result["boxes"] = result["boxes"] * ratio.to(result["boxes"].dtype)
+            if record is not None:
+                to_original = {key: value * ratio.to(value.dtype) for key, value in record[i].items()
+                               if key in ("proposals_before_nms", "proposals", "detection_proposals")}
+                record[i].update(to_original, anchors=[a * ratio.to(a.dtype) for a in record[i]["anchors"]],
+                                 mask_probs=result["masks"][:, 0], resize_scale=(size[0] / original[0],
+                                                                                 size[1] / original[1]))
             result["masks"] = paste_masks(result["masks"], result["boxes"], original)
         return results
 
     @torch.no_grad()
-    def detect(self, images) -> list[dict]:
-        """Inference on numpy images (HxWx3 uint8 RGB) or image paths; see the class docstring."""
+    def detect(self, images, return_intermediates: bool = False) -> list[dict]:
+        """Inference on numpy images (HxWx3 uint8 RGB) or image paths; see the class docstring.
+
+        return_intermediates=True adds to each result "intermediates", a dict of numpy arrays in the
+        image's own pixels, for the stage views of visualize.py (see `infer` for the keys).
+        """
         if not isinstance(images, (list, tuple)):
             raise ValueError("detect expects a list of images (HxWx3 uint8 arrays or paths)")
         was_training = self.training
@@ -946,9 +984,11 @@ class MaskRCNN(nn.Module):
         device = next(self.parameters()).device
         tensors = [utils.image_to_tensor(utils.load_image(im) if isinstance(im, (str, os.PathLike)) else im)
                    for im in images]
-        outputs = self([t.to(device) for t in tensors])
+        check_images(tensors)
+        record = [{} for _ in tensors] if return_intermediates else None
+        outputs = self.infer([t.to(device) for t in tensors], record)
         self.train(was_training)
-        return [
+        results = [
             {
                 "boxes": o["boxes"].float().cpu().numpy(),
                 "class_ids": o["labels"].cpu().numpy().astype(np.int64),
@@ -957,6 +997,9 @@ class MaskRCNN(nn.Module):
             }
             for o in outputs
         ]
+        for result, stages in zip(results, record or []):
+            result["intermediates"] = {key: to_numpy(value) for key, value in stages.items()}
+        return results
 
     def load_weights(self, source, exclude=()):
         """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling) or an ImageNet
@@ -997,6 +1040,15 @@ class MaskRCNN(nn.Module):
 
 
 HEAD_KEYS = ["roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."]
+
+
+def to_numpy(value):
+    """Tensors (and lists of them) as numpy arrays, floating point ones as float32."""
+    if isinstance(value, list):
+        return [to_numpy(v) for v in value]
+    if not torch.is_tensor(value):
+        return value
+    return (value.float() if value.is_floating_point() else value).cpu().numpy()
 
 
 def convert_state_dict(state: dict) -> dict:
