@@ -219,6 +219,7 @@ def default_data(args):
     raise SystemExit("--data is required for --config coco (the folder with annotations/ and train2017/)")
 
 
+@torch.enable_grad()  # also when called from code (a notebook) that turned gradients off
 def train(args):
     rank, world_size, device = setup_distributed(args.device)
     main_process = rank == 0

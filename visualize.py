@@ -299,7 +299,7 @@ def display_anchors(image, anchors, strides=None, sizes=None, columns=3, scale=1
         centres, cell = anchor_cells(level_anchors)
         per_cell = level_anchors.shape[0] // centres.shape[0]
         title = f"{name}: {per_cell} per cell, {level_anchors.shape[0]} anchors"
-        middle = np.argmin(np.hypot(centres[:, 0] - (width - 1) / 2, centres[:, 1] - (height - 1) / 2))
+        middle = np.argmin(np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2))
         shown_anchors = level_anchors[cell == middle]
         left, top = np.floor(np.minimum(shown_anchors.min(0)[:2], 0)).astype(int)
         right, bottom = np.ceil(np.maximum(shown_anchors.max(0)[2:], (width, height))).astype(int)
@@ -310,7 +310,8 @@ def display_anchors(image, anchors, strides=None, sizes=None, columns=3, scale=1
             spacing = min(np.diff(xs).min() if xs.size > 1 else width, np.diff(ys).min() if ys.size > 1 else height)
             step = max(1, math.ceil(5 / (spacing * scale)))
             shown = np.isin(centres[:, 0], xs[::step]) & np.isin(centres[:, 1], ys[::step])
-            ax.plot(centres[shown, 0], centres[shown, 1], "o", color="white", markersize=1.5,
+            # Box corners are pixel edges (see draw_box): the centre of pixel (i, j) is at (i + 0.5, j + 0.5).
+            ax.plot(centres[shown, 0] - 0.5, centres[shown, 1] - 0.5, "o", color="white", markersize=1.5,
                     markeredgewidth=0, alpha=0.8)
             for index, box in enumerate(shown_anchors):
                 draw_box(ax, box, color(index + 1), 1.5)
@@ -545,7 +546,7 @@ def main(argv=None):
     parser.add_argument("--split", help="default: the config's VAL_SPLIT")
     parser.add_argument("--out", required=True, help="folder for the pictures")
     parser.add_argument("--count", type=int, default=4)
-    parser.add_argument("--scale", type=int, default=4, help="enlarge small images by this factor")
+    parser.add_argument("--scale", type=int, default=3, help="enlarge small images by this factor")
     parser.add_argument("--min-score", type=float, default=0.5)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)

@@ -307,6 +307,112 @@ def test_no_detections_gives_empty_outputs_of_the_right_shapes(small_detector):
 
 
 # ----------------------------------------------------------------------------------------------------
+# detect(..., return_intermediates=True): each stage checked against torchvision's own stages
+
+def torchvision_stages(tv, images):
+    """torchvision's resized image sizes, FPN features, anchors, proposals and pre-paste detections (in the
+    resized image), caught with forward hooks during one inference."""
+    caught = {}
+    hooks = [
+        tv.transform.register_forward_hook(lambda m, i, o: caught.update(sizes=o[0].image_sizes,
+                                                                        padded=o[0].tensors.shape[-2:])),
+        tv.backbone.register_forward_hook(lambda m, i, o: caught.update(features=o)),
+        tv.rpn.anchor_generator.register_forward_hook(lambda m, i, o: caught.update(anchors=o)),
+        tv.rpn.register_forward_hook(lambda m, i, o: caught.update(proposals=o[0])),
+        # Copies: torchvision's post-processing then rescales and pastes into these same dicts.
+        tv.roi_heads.register_forward_hook(lambda m, i, o: caught.update(detections=[dict(d) for d in o[0]])),
+    ]
+    try:
+        with torch.no_grad():
+            tv(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return SimpleNamespace(**caught)
+
+
+def to_uint8(image):
+    return (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("images", sorted(IMAGE_SETS))
+def test_intermediates_match_torchvision_stages(v1, images):
+    arrays = [to_uint8(im) for im in image_set(images)]
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
+    tv = torchvision_stages(v1.tv, tensors)
+    results = v1.ours.detect(arrays, return_intermediates=True)
+    plain = v1.ours.detect(arrays)
+    for i, (array, r) in enumerate(zip(arrays, results)):
+        # The normal outputs do not change when the intermediates are asked for.
+        assert "intermediates" not in plain[i]
+        for key in ("boxes", "class_ids", "scores", "masks"):
+            np.testing.assert_array_equal(r[key], plain[i][key])
+        stages = r["intermediates"]
+        (height, width), (orig_h, orig_w) = tv.sizes[i], array.shape[:2]
+        np.testing.assert_allclose(stages["resize_scale"], (height / orig_h, width / orig_w), rtol=1e-6)
+        to_resized = np.array([width / orig_w, height / orig_h] * 2, np.float32)
+
+        # Anchors: per level, in the image's pixels; torchvision's are all levels at once, in the resized image.
+        # Strides are the padded width over the feature width (not always 64 on P6, which rounds up).
+        assert stages["anchor_strides"] == [tv.padded[1] // f.shape[-1] for f in tv.features.values()]
+        assert stages["anchor_strides"][:4] == [4, 8, 16, 32]
+        assert stages["anchor_sizes"] == [32, 64, 128, 256, 512]
+        counts = [f.shape[-2] * f.shape[-1] * 3 for f in tv.features.values()]
+        assert [a.shape for a in stages["anchors"]] == [(n, 4) for n in counts]
+        np.testing.assert_allclose(np.concatenate(stages["anchors"]) * to_resized, tv.anchors[i].numpy(), atol=1e-3)
+
+        # Proposals after NMS are torchvision's; NMS per level of the ones before gives them again.
+        after = stages["proposals"] * to_resized
+        np.testing.assert_allclose(after, tv.proposals[i].numpy(), atol=1e-3)
+        before = torch.from_numpy(stages["proposals_before_nms"])
+        keep = torchvision.ops.batched_nms(before, torch.from_numpy(stages["proposal_scores_before_nms"]),
+                                           torch.from_numpy(stages["proposal_levels_before_nms"]),
+                                           v1.config.RPN_NMS_THRESHOLD)[: v1.config.RPN_POST_NMS_TOP_N_TEST]
+        np.testing.assert_array_equal(before[keep].numpy(), stages["proposals"])
+        np.testing.assert_array_equal(stages["proposal_scores_before_nms"][keep.numpy()], stages["proposal_scores"])
+        assert before.shape[0] > after.shape[0]
+
+        # The 28x28 mask probabilities are torchvision's before pasting. Detections are paired by box, since
+        # scores equal to 1e-6 may come in either order.
+        n = r["boxes"].shape[0]
+        assert n >= 10
+        expected = tv.detections[i]
+        distance = np.abs((r["boxes"] * to_resized)[:, None] - expected["boxes"].numpy()[None]).max(-1)
+        pair = distance.argmin(1)
+        assert distance[np.arange(n), pair].max() < 1e-3 and len(set(pair)) == n
+        expected = {key: value[torch.from_numpy(pair)] for key, value in expected.items()}
+        np.testing.assert_array_equal(r["class_ids"], expected["labels"].numpy())
+        np.testing.assert_allclose(stages["mask_probs"], expected["masks"][:, 0].numpy(), atol=1e-4)
+
+        # Each detection's proposal, run through torchvision's box head and decoded for its class, gives
+        # the detection's box and score.
+        proposals = torch.from_numpy(stages["detection_proposals"] * to_resized)
+        assert proposals.shape == (n, 4)
+        heads = v1.tv.roi_heads
+        with torch.no_grad():
+            pooled = heads.box_roi_pool({k: f[i : i + 1] for k, f in tv.features.items()}, [proposals],
+                                        [tv.sizes[i]])
+            logits, deltas = heads.box_predictor(heads.box_head(pooled))
+        labels = torch.from_numpy(r["class_ids"])
+        decoded = heads.box_coder.decode(deltas, [proposals])[torch.arange(n), labels]
+        decoded = torchvision.ops.clip_boxes_to_image(decoded, tv.sizes[i])
+        np.testing.assert_allclose(decoded.numpy(), expected["boxes"].numpy(), atol=1e-3)
+        scores = torch.softmax(logits, -1)[torch.arange(n), labels]
+        np.testing.assert_allclose(scores.numpy(), r["scores"], atol=1e-5)
+
+
+def test_intermediates_without_detections(small_detector):
+    model = clone_with(small_detector, small_config(DETECTION_MIN_CONFIDENCE=1.0)).eval()
+    (r,) = model.detect([to_uint8(smooth_image(150, 200))], return_intermediates=True)
+    stages = r["intermediates"]
+    assert r["boxes"].shape == (0, 4)
+    assert stages["detection_proposals"].shape == (0, 4)
+    assert stages["mask_probs"].shape == (0, model.config.MASK_SIZE, model.config.MASK_SIZE)
+    assert stages["proposals"].shape[0] > 0  # the RPN still proposes
+    assert stages["proposal_scores"].shape == (stages["proposals"].shape[0],)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 
 
