@@ -910,6 +910,15 @@ def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, 
 ############################################################
 
 
+def to_numpy(value):
+    """Tensors (and lists of them) as numpy arrays, floating point ones as float32."""
+    if isinstance(value, list):
+        return [to_numpy(v) for v in value]
+    if not torch.is_tensor(value):
+        return value
+    return (value.float() if value.is_floating_point() else value).cpu().numpy()
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN with a ResNet-FPN backbone.
 
@@ -920,8 +929,9 @@ class MaskRCNN(nn.Module):
             crowd_boxes [C, 4]: regions where anchors and proposals count as neither object nor background.
         Training returns a dict of scalar losses. Evaluation returns per image a dict with boxes
         [D, 4], labels [D], scores [D] and masks [D, 1, H, W] (probabilities) at the image's size.
-    detect(images): numpy HxWx3 uint8 RGB images (or paths) -> per image numpy boxes, class_ids,
-        scores and masks [D, H, W] bool.
+    detect(images, return_intermediates=False): numpy HxWx3 uint8 RGB images (or paths) -> per image
+        numpy boxes, class_ids, scores and masks [D, H, W] bool; with return_intermediates also what
+        each stage computed (anchors, proposals, 28x28 masks; see `infer`).
     """
 
     def __init__(self, config: Optional[Config] = None):
@@ -1040,15 +1050,6 @@ class MaskRCNN(nn.Module):
 
 
 HEAD_KEYS = ["roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."]
-
-
-def to_numpy(value):
-    """Tensors (and lists of them) as numpy arrays, floating point ones as float32."""
-    if isinstance(value, list):
-        return [to_numpy(v) for v in value]
-    if not torch.is_tensor(value):
-        return value
-    return (value.float() if value.is_floating_point() else value).cpu().numpy()
 
 
 def convert_state_dict(state: dict) -> dict:

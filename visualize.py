@@ -501,7 +501,6 @@ def stage_views(model, image, out, name, target=None, min_score=0.5, scale=3):
                        kept["scores"], scale=scale, save_path=paths["refinement"])
     display_mask_predictions(stages["mask_probs"][keep], kept["class_ids"], names, kept["scores"],
                              model.config.MASK_THRESHOLD, save_path=paths["masks"])
-    plt.close("all")
     return paths
 
 
