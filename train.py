@@ -141,18 +141,8 @@ class RunLog:
             return
         if start > 0 and os.path.exists(self.path):
             # A run killed after its last checkpoint logged steps that will now be run again.
-            kept = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short when the run was killed
-                        continue
-                    if record.get("iteration", 0) <= start:
-                        kept.append(json.dumps(record) + "\n")
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            kept = [json.dumps(r) + "\n" for r in utils.read_jsonl(self.path) if r.get("iteration", 0) <= start]
+            utils.atomic_write(self.path, lambda f: f.writelines(kept), mode="w")
         elif start == 0 and os.path.exists(self.path):
             os.remove(self.path)
         try:

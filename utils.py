@@ -1,5 +1,6 @@
 """Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
 
+import json
 import os
 import urllib.error
 
@@ -152,3 +153,15 @@ def atomic_write(path, write, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file, skipping a line cut short (a run killed while writing it)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

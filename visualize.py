@@ -19,7 +19,6 @@ matplotlib's Agg backend is used.
 
 import argparse
 import colorsys
-import json
 import math
 import os
 
@@ -34,6 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Polygon, Rectangle  # noqa: E402
 from skimage.measure import find_contours  # noqa: E402
+
+import utils  # noqa: E402
 
 DPI = 100
 GAP = 8  # white pixels between panels
@@ -422,16 +423,7 @@ def display_mask_predictions(mask_probs, class_ids, class_names, scores=None, th
 def read_log(path) -> list[dict]:
     """The records of a run's log.jsonl (path to the file or to the run's folder); a last line cut
     short by a killed run is skipped."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "log.jsonl")
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return utils.read_jsonl(os.path.join(path, "log.jsonl") if os.path.isdir(path) else path)
 
 
 def plot_training_curves(log, save_path=None, width=1200, height=350):
