@@ -2,12 +2,14 @@
 # make demo   write the synthetic shapes data, train on it (about 10 min on 2 CPU cores), evaluate, draw
 # make test   run the tests (sets up .venv first if needed)
 # make bench  run the kernel benchmarks against torchvision
+# make gpu-check   the one prepared GPU run (bench/gpu_check.py); make gpu-wheels fetches what the
+#                  network-less GPU machine lacks into .whl/ (see the README, "On a GPU")
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KERNEL_SOURCES := $(wildcard nms/csrc/* roialign/csrc/*)
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench gpu-check gpu-wheels lint clean
 
 venv: $(VENV)/.requirements $(VENV)/.kernels
 
@@ -32,6 +34,16 @@ test: venv
 
 bench: venv
 	$(PY) bench/bench_kernels.py
+
+gpu-check: venv
+	$(PY) bench/gpu_check.py
+
+# Wheels for the GPU machine's Python 3.12 of the packages its image lacks (pycocotools).
+GPU_WHEELS := pycocotools
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -27,13 +27,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds  # noqa: E402
 
+import utils  # noqa: E402
 from config import Config  # noqa: E402
 from model import MaskRCNN  # noqa: E402
 
 
-def build_models(device):
+def build_models(device, min_size=800, max_size=1333):
+    """torchvision's maskrcnn_resnet50_fpn with random weights that detect things, and ours with its weights;
+    both resize images to min_size / max_size."""
     torch.manual_seed(0)
-    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
+                                   max_size=max_size).eval()
     with torch.no_grad():
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -44,7 +48,7 @@ def build_models(device):
         theirs.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
         theirs.rpn.head.cls_logits.weight.mul_(30)
     # Untrained torchvision models use BatchNorm2d (eps 1e-5); ours freezes it with the same eps.
-    ours = MaskRCNN(Config(FROZEN_BN_EPS=1e-5))
+    ours = MaskRCNN(Config(FROZEN_BN_EPS=1e-5, IMAGE_MIN_DIM=min_size, IMAGE_MAX_DIM=max_size))
     ours.load_weights(theirs.state_dict())
     return theirs.to(device).eval(), ours.to(device).eval()
 
@@ -66,6 +70,50 @@ def peak_memory_mb(fn, device):
     fn()
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def coffee_image(height, width, device):
+    """scikit-image's coffee photo as a 3 x height x width float tensor in [0, 1]."""
+    photo = torch.from_numpy(skimage.data.coffee()).permute(2, 0, 1).float()[None] / 255
+    return F.interpolate(photo, size=(height, width), mode="bilinear", align_corners=False)[0].to(device)
+
+
+def agreement(a, b, min_iou=0.5) -> dict:
+    """How far two models' outputs (torchvision's format, one dict per image) agree when they need not
+    be identical (another device, another precision): detections of `a` matched greedily, by
+    decreasing score, to the unmatched detection of `b` with the same label and the highest box IoU (at
+    least `min_iou`). Returns the counts, the fraction of the larger count matched, and over the
+    matched pairs the largest box and score differences and the mean and smallest mask IoU."""
+    total_a = total_b = matched = 0
+    box = score = 0.0
+    mask_ious = []
+    for x, y in zip(a, b):
+        total_a, total_b = total_a + len(x["boxes"]), total_b + len(y["boxes"])
+        if not len(x["boxes"]) or not len(y["boxes"]):
+            continue
+        iou = utils.box_iou(x["boxes"].float(), y["boxes"].float())
+        iou[x["labels"][:, None] != y["labels"][None, :]] = -1
+        taken = torch.zeros(len(y["boxes"]), dtype=torch.bool, device=iou.device)
+        for i in torch.argsort(x["scores"], descending=True).tolist():
+            candidates = iou[i].masked_fill(taken, -1)
+            j = int(candidates.argmax())
+            if candidates[j] < min_iou:
+                continue
+            taken[j] = True
+            matched += 1
+            box = max(box, (x["boxes"][i] - y["boxes"][j]).abs().max().item())
+            score = max(score, abs(x["scores"][i].item() - y["scores"][j].item()))
+            mx, my = x["masks"][i, 0] > 0.5, y["masks"][j, 0] > 0.5
+            union = (mx | my).sum().item()
+            mask_ious.append((mx & my).sum().item() / union if union else 1.0)
+    return {
+        "detections": [total_a, total_b],
+        "matched_fraction": matched / max(total_a, total_b, 1),
+        "max_box_diff_px": box,
+        "max_score_diff": score,
+        "mean_mask_iou": sum(mask_ious) / len(mask_ious) if mask_ious else 1.0,
+        "min_mask_iou": min(mask_ious) if mask_ious else 1.0,
+    }
 
 
 def differences(a, b):
@@ -94,8 +142,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     theirs, ours = build_models(device)
-    photo = torch.from_numpy(skimage.data.coffee()).permute(2, 0, 1).float()[None] / 255
-    image = F.interpolate(photo, size=(800, 1066), mode="bilinear", align_corners=False)[0].to(device)
+    image = coffee_image(800, 1066, device)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{datetime.date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}")

@@ -47,17 +47,20 @@ def rois_on_map(k, batch, generator, device, dtype):
     return torch.cat([index, boxes], dim=1).to(device, dtype)
 
 
-def cases(device, dtype, generator):
-    """(name, torchvision's fn, our fn, check) for every row of the table."""
+def cases(device, dtype, generator, nms_sizes=(1000, 5000, 20000), batched_sizes=(5000, 20000),
+          roi_counts=(1000, 4000), feature_shape=(2, 256, IMAGE_H // 4, IMAGE_W // 4)):
+    """(name, torchvision's fn, our fn) for every row of the table. The default sizes are the
+    table's; bench/gpu_check.py passes smaller ones for its quick run."""
     rows = []
-    for n, threshold in ((1000, 0.7), (5000, 0.7), (20000, 0.7)):
+    threshold = 0.7
+    for n in nms_sizes:
         boxes, scores = clustered_boxes(n, generator, device, dtype)
         rows.append((
             f"nms, {n} boxes, IoU {threshold}",
             lambda b=boxes, s=scores, t=threshold: tv_ops.nms(b, s, t),
             lambda b=boxes, s=scores, t=threshold: our_nms.nms(b, s, t),
         ))
-    for n in (5000, 20000):
+    for n in batched_sizes:
         boxes, scores = clustered_boxes(n, generator, device, dtype)
         classes = torch.randint(0, 80, (n,), generator=generator).to(device)
         rows.append((
@@ -65,10 +68,9 @@ def cases(device, dtype, generator):
             lambda b=boxes, s=scores, c=classes: tv_ops.batched_nms(b, s, c, 0.5),
             lambda b=boxes, s=scores, c=classes: our_nms.batched_nms(b, s, c, 0.5),
         ))
-    batch, channels, height, width = 2, 256, IMAGE_H // 4, IMAGE_W // 4
+    batch, channels, height, width = shape = feature_shape
     features = torch.randn(batch, channels, height, width, generator=generator).to(device, dtype)
-    shape = (batch, channels, height, width)
-    for k in (1000, 4000):
+    for k in roi_counts:
         rois = rois_on_map(k, batch, generator, device, dtype)
         for size in (7, 14):
             args = (rois, 0.25, size, size)
@@ -86,22 +88,35 @@ def cases(device, dtype, generator):
     return rows
 
 
-def table(device, dtype, repeats):
+def measure(device, dtype, repeats, warmup=1, **sizes):
+    """One dict per case: {"case", "torchvision_ms", "ours_ms", "ratio"} (torchvision / ours; None where
+    torchvision has no kernel for the dtype). `sizes` go to `cases`."""
     generator = torch.Generator().manual_seed(0)
+    for name, theirs, ours in cases(device, dtype, generator, **sizes):
+        t_ours = median_seconds(ours, device, repeats, warmup) * 1000
+        try:
+            t_theirs = median_seconds(theirs, device, repeats, warmup) * 1000
+        except (RuntimeError, NotImplementedError):  # e.g. no bfloat16 kernel in torchvision
+            t_theirs = None
+        ratio = t_theirs / t_ours if t_theirs is not None else None
+        yield {"case": name, "torchvision_ms": t_theirs, "ours_ms": t_ours, "ratio": ratio}
+
+
+def table_row(row) -> str:
+    if row["torchvision_ms"] is None:
+        return f"| {row['case']} | not supported | {row['ours_ms']:.2f} | - |"
+    return f"| {row['case']} | {row['torchvision_ms']:.2f} | {row['ours_ms']:.2f} | {row['ratio']:.1f}x |"
+
+
+def table(device, dtype, repeats):
     lines = [
         f"### {device.type}, {str(dtype).replace('torch.', '')}",
         "",
         "| case | torchvision ms | ours ms | torchvision / ours |",
         "|---|---:|---:|---:|",
     ]
-    for name, theirs, ours in cases(device, dtype, generator):
-        t_ours = median_seconds(ours, device, repeats) * 1000
-        try:
-            t_theirs = median_seconds(theirs, device, repeats) * 1000
-        except (RuntimeError, NotImplementedError):  # e.g. no bfloat16 kernel in torchvision
-            lines.append(f"| {name} | not supported | {t_ours:.2f} | - |")
-        else:
-            lines.append(f"| {name} | {t_theirs:.2f} | {t_ours:.2f} | {t_theirs / t_ours:.1f}x |")
+    for row in measure(device, dtype, repeats):
+        lines.append(table_row(row))
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

@@ -1,4 +1,8 @@
-"""Timing shared by the benchmarks: median wall-clock seconds of a call, synchronising CUDA."""
+"""Timing shared by the benchmarks: the median seconds of a call, after warm-up.
+
+On CUDA each call is timed with CUDA events recorded around it on the current stream (the device's
+own clock, so host-side launch overhead counts only where it leaves the device idle); on the CPU with
+the wall clock."""
 
 import statistics
 import time
@@ -12,10 +16,15 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
