@@ -20,6 +20,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import shapes
 import utils
 
 logger = logging.getLogger(__name__)
@@ -301,32 +302,20 @@ def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, 
     return metrics, table, results
 
 
-def write_json_atomic(path, data):
-    """Writes JSON through a temporary file and a rename, so `path` is never half written."""
-    utils.atomic_write(path, lambda f: json.dump(data, f, indent=1), mode="w")
-
-
 ############################################################
 #  Command line
 ############################################################
 
 
-def model_for_evaluation(config_name, weights, overrides=(), device="cpu"):
-    """The model described by our checkpoint's config (when it has one) or by the named preset, with
-    --set overrides on top, and the weights loaded."""
-    from config import Config, named_config
-    from model import MaskRCNN
-
-    config = named_config(config_name)
-    checkpoint = None
-    if os.path.isfile(str(weights)):
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict):
-            config = Config.from_dict(checkpoint["config"])
-    config.override(list(overrides))
-    model = MaskRCNN(config)
-    model.load_weights(checkpoint if checkpoint is not None else weights)
-    return model.to(device)
+def data_root(config_name, data=None):
+    """The data folder of a command line: `data` (--data) when given, else the preset's own folder
+    (only shapes has one: shapes.DEFAULT_ROOT)."""
+    if data:
+        return data
+    if config_name == "shapes":
+        return shapes.DEFAULT_ROOT
+    raise SystemExit(f"--data is required for --config {config_name} (the folder with annotations/ and the "
+                     "image folders)")
 
 
 def main(argv=None):
@@ -334,7 +323,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a model on a split of a COCO-format data set")
     ev.add_argument("--config", default="coco", help="preset: coco or shapes (a checkpoint's own config wins)")
-    ev.add_argument("--data", help="data root (annotations/ and the image folders); default: data/shapes for shapes")
+    ev.add_argument("--data", help="data root (annotations/ and the image folders); default: "
+                    f"{shapes.DEFAULT_ROOT} for shapes")
     ev.add_argument("--weights", required=True, help="checkpoint path, or coco / coco_v2 (torchvision's)")
     ev.add_argument("--split", help="default: the config's VAL_SPLIT")
     ev.add_argument("--out", help="metrics JSON (default: eval_<split>.json beside the weights file)")
@@ -347,14 +337,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    model = model_for_evaluation(args.config, args.weights, args.set, args.device)
-    config = model.config
-    data = args.data or ("data/shapes" if args.config == "shapes" else None)
-    if data is None:
-        parser.error("--data is required (the folder with annotations/ and the images)")
-    if args.config == "shapes":
-        import shapes
+    from config import named_config
+    from model import MaskRCNN
 
+    data = data_root(args.config, args.data)
+    model = MaskRCNN.from_checkpoint(args.weights, args.set, args.device, config=named_config(args.config))
+    config = model.config
+    if args.config == "shapes":
         shapes.ensure(data)
     split = args.split or config.VAL_SPLIT
     dataset = CocoDataset(data, split, config.LABELS_ARE_CATEGORY_IDS)
@@ -365,11 +354,11 @@ def main(argv=None):
     else:
         default_out = f"eval_{split}.json"
     out = args.out or default_out
-    write_json_atomic(out, {**metrics, "weights": str(args.weights), "data": data, "split": split,
-                            "images": len(dataset) if args.limit is None else min(args.limit, len(dataset))})
+    utils.write_json_atomic(out, {**metrics, "weights": str(args.weights), "data": data, "split": split,
+                                  "images": len(dataset) if args.limit is None else min(args.limit, len(dataset))})
     print(f"metrics written to {out}")
     if args.detections:
-        write_json_atomic(args.detections, results)
+        utils.write_json_atomic(args.detections, results)
 
 
 if __name__ == "__main__":

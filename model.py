@@ -1049,6 +1049,38 @@ class MaskRCNN(nn.Module):
                 "unexpected": unexpected, "missing": missing}
 
 
+    @classmethod
+    def from_checkpoint(cls, source, overrides=(), device="cpu", config: Optional[Config] = None) -> "MaskRCNN":
+        """The model a checkpoint describes, with its weights loaded: the one way train.py --resume,
+        coco.py evaluate, visualize.py and demo.ipynb build a trained model.
+
+        source: a checkpoint written by train.py (its path, or the dict torch.load gives), whose "config"
+            builds the model; or weights that carry no config (torchvision's checkpoint files, a bare
+            state_dict, or the names "coco", "coco_v2", "imagenet"), which need `config`.
+        overrides: ["KEY=VALUE", ...] as --set takes them (Config.override), applied on top.
+        config: the configuration for weights that carry none; a checkpoint's own config wins. It is
+            copied, not changed.
+        Tensors are loaded as by load_weights (those whose shape differs are skipped and logged).
+        """
+        is_file = not isinstance(source, dict) and os.path.isfile(str(source))
+        checkpoint = utils.load_state_dict(source) if is_file else source
+        saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        if isinstance(saved, dict):
+            config = Config.from_dict(saved)
+        elif config is not None:
+            config = type(config).from_dict(config.to_dict())
+        elif isinstance(source, dict) or is_file:
+            where = "the checkpoint" if isinstance(source, dict) else repr(str(source))
+            raise ValueError(f"from_checkpoint: {where} has no 'config' (it was not written by train.py); pass "
+                             "config=, e.g. Config() for torchvision's maskrcnn_resnet50_fpn weights")
+        else:
+            raise FileNotFoundError(f"from_checkpoint: no file {str(source)!r}; published weights (coco, coco_v2, "
+                                    "imagenet) need config=")
+        model = cls(config.override(list(overrides)))
+        model.load_weights(checkpoint)
+        return model.to(device)
+
+
 HEAD_KEYS = ["roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."]
 
 

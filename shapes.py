@@ -23,9 +23,9 @@ from PIL import Image
 from skimage.draw import disk, polygon
 
 import utils
-from coco import write_json_atomic
 
 CLASSES = ("square", "circle", "triangle", "star")  # category ids 1..4
+DEFAULT_ROOT = "data/shapes"  # where --config shapes reads the data set (and first writes it) without --data
 SPLIT_SEEDS = {"train": 0, "val": 1}
 MIN_VISIBLE = 0.6  # a shape that later ones would hide by more than 40% is not drawn
 MIN_CONTRAST = 80.0  # minimum distance (RGB, 0-255) between a shape's colour and the background's mean
@@ -129,7 +129,7 @@ def write_split(out, split, count, size, seed):
     data = {"info": {"description": f"synthetic shapes, seed {seed}"}, "images": images,
             "annotations": annotations, "categories": categories}
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    write_json_atomic(os.path.join(out, "annotations", f"instances_{split}.json"), data)
+    utils.write_json_atomic(os.path.join(out, "annotations", f"instances_{split}.json"), data)
     return len(images), len(annotations)
 
 
@@ -160,7 +160,7 @@ def ensure(out, **kwargs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="data/shapes", help="folder to create")
+    parser.add_argument("--out", default=DEFAULT_ROOT, help="folder to create")
     parser.add_argument("--train", type=int, default=2000, help="training images")
     parser.add_argument("--val", type=int, default=200, help="validation images")
     parser.add_argument("--size", type=int, default=128, help="image side (pixels)")

@@ -8,6 +8,10 @@
 OUT/last.pth is always the newest complete checkpoint (model, optimizer, scheduler, scaler, iteration,
 RNG states, config); OUT/log.jsonl has every logged step and evaluation, OUT/events.* is for
 TensorBoard, and OUT/metrics.json holds the final COCO evaluation.
+
+`train()` is the recipe in one screen: build_run (config, data, model, optimizer, schedule), then a loop
+of set_training_stage, train_step, TrainingLog, save_checkpoint and evaluate inside StopOnCtrlC. Each
+piece can be called alone (tests/test_train.py does).
 """
 
 import argparse
@@ -20,6 +24,8 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import coco
+import shapes
 import utils
 from config import STAGE_LAYERS, Config, named_config
 from model import MaskRCNN
@@ -101,6 +108,193 @@ def trainable_layers(iteration: int, config: Config) -> int:
 
 
 ############################################################
+#  The run: configuration, data, model, optimizer, schedule
+############################################################
+
+
+@dataclass
+class Run:
+    """One process's training run: what build_run makes and the loop's pieces below read and change."""
+
+    out: str  # output folder
+    config: Config
+    data: str  # data root (annotations/ and the image folders)
+    rank: int
+    world_size: int
+    device: torch.device
+    model: MaskRCNN
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # LEARNING_RATE * lr_factor(iteration)
+    scaler: torch.amp.GradScaler  # enabled for --amp on GPU (float16); bfloat16 on CPU needs none
+    amp: bool
+    end: int  # the loop stops after this iteration: --iters, at most MAX_ITERS
+    iteration: int = 0  # optimizer steps done
+    train_seconds: float = 0.0  # time in training steps, over every session of the run
+    layers: int = 0  # trainable ResNet stages now (set_training_stage)
+    network: Optional[torch.nn.Module] = None  # the model, or DDP around it
+    loader: Optional[torch.utils.data.DataLoader] = None  # endless batches from `iteration` on
+    val_set: Optional[coco.CocoDataset] = None  # loaded at the first evaluation
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.out, "last.pth")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train Mask R-CNN (one process, or many under torchrun).")
+    parser.add_argument("--config", default="shapes", help="preset: shapes (synthetic, the default) or coco")
+    parser.add_argument("--data", help="data root with annotations/ and the image folders (default: "
+                        f"{shapes.DEFAULT_ROOT} for shapes, written there if missing)")
+    parser.add_argument("--weights", help="initial weights: a checkpoint path, imagenet, coco or coco_v2")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, metrics)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    parser.add_argument("--iters", type=int, help="stop after this iteration (the schedule still ends at "
+                        "MAX_ITERS, so --resume continues the same run)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def build_run(args) -> Run:
+    """Everything one training process needs, from the command line (parse_args): the process group,
+    the config (the preset with --set on top; with --resume the checkpoint's, through
+    MaskRCNN.from_checkpoint), the training data (the first process writes the shapes data set when it
+    is missing), the model (seeded with SEED + rank; --weights or the checkpoint's), SGD with momentum
+    and weight decay at LEARNING_RATE * lr_factor(iteration), the AMP scaler, the batch loader, and
+    with --resume the optimizer, schedule, iteration and random state of OUT/last.pth."""
+    rank, world_size, device = setup_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    checkpoint, model = None, None
+    if args.resume:
+        path = os.path.join(args.out, "last.pth")
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        model = MaskRCNN.from_checkpoint(checkpoint, args.set, device)
+        logger.info("resuming %s at iteration %d", path, checkpoint["iteration"])
+    config = model.config if model is not None else named_config(args.config).override(args.set)
+    if config.BATCH_SIZE % world_size:
+        raise SystemExit(f"BATCH_SIZE={config.BATCH_SIZE} must be a multiple of the number of processes "
+                         f"({world_size})")
+    data = coco.data_root(args.config, args.data)
+    train_set = training_set(data, config, args.config == "shapes" and checkpoint is None, rank, world_size)
+    if model is None:
+        seed_everything(config.SEED + rank)
+        model = MaskRCNN(config).to(device)
+        if args.weights:
+            model.load_weights(args.weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
+                                weight_decay=config.WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, config))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    end = min(config.MAX_ITERS, args.iters if args.iters is not None else config.MAX_ITERS)
+    run = Run(args.out, config, data, rank, world_size, device, model, optimizer, scheduler, scaler, args.amp, end)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    run.layers = trainable_layers(run.iteration, config)
+    model.backbone.body.freeze(run.layers)
+    run.network = distributed(model, run)
+    sampler = coco.TrainingBatchSampler(train_set.aspect_ratios, config.BATCH_SIZE // world_size, config.SEED,
+                                        rank, world_size, config.HFLIP, run.iteration)
+    # The loader gets its own generator so that making it does not draw from the global RNG.
+    run.loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.NUM_WORKERS,
+                                             collate_fn=coco.collate, generator=torch.Generator(),
+                                             persistent_workers=False)
+    if run.main_process:
+        utils.write_json_atomic(os.path.join(args.out, "config.json"), config.to_dict())
+    return run
+
+
+def training_set(data: str, config: Config, write_shapes: bool, rank: int, world_size: int) -> coco.CocoDataset:
+    """The TRAIN_SPLIT of `data`. With `write_shapes` the first process writes the shapes data set there
+    first when it is missing (the others wait, and all of them stop if it fails)."""
+    error = None
+    if rank == 0 and write_shapes:
+        try:
+            shapes.ensure(data)
+        except Exception as e:  # noqa: BLE001 (passed on to every process below)
+            error = e
+    broadcast_error(error, world_size)
+    dataset = coco.CocoDataset(data, config.TRAIN_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
+    if dataset.num_classes > config.NUM_CLASSES:
+        raise SystemExit(f"the data set has labels up to {dataset.num_classes - 1} but NUM_CLASSES="
+                         f"{config.NUM_CLASSES}; use --set NUM_CLASSES={dataset.num_classes}")
+    return dataset
+
+
+def distributed(model: MaskRCNN, run: Run) -> torch.nn.Module:
+    """The model under DDP when there are several processes (it fixes its parameter set when made)."""
+    if run.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def set_training_stage(run: Run):
+    """Trains the backbone stages that TRAINING_STAGES names for the next step, when they change."""
+    layers = trainable_layers(run.iteration, run.config)
+    if layers != run.layers:
+        run.layers = layers
+        run.model.backbone.body.freeze(layers)
+        run.network = distributed(run.model, run)
+        logger.info("iteration %d: %d trainable backbone stages", run.iteration, layers)
+
+
+############################################################
+#  One training step
+############################################################
+
+
+def train_step(run: Run, batch) -> dict:
+    """One optimizer step on `batch` = (images, targets) as the loader gives them: the forward pass
+    (autocast with --amp: float16 on GPU, bfloat16 on CPU), the losses averaged over the processes and
+    checked, backward, gradient clipping to GRADIENT_CLIP_NORM, the optimizer and schedule steps.
+
+    Returns the losses as floats averaged over the processes: "loss" (their sum) then each term, and
+    "grad_norm" (the global gradient norm before clipping) when clipping is on; run.iteration then
+    counts this step. A non-finite loss (on any process) or gradient norm raises FloatingPointError
+    naming the step and the terms before any weight changes."""
+    images, targets = batch
+    images = [image.to(run.device, non_blocking=True) for image in images]
+    targets = [{k: v.to(run.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    amp_dtype = torch.float16 if run.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(run.device.type, dtype=amp_dtype, enabled=run.amp):
+        losses = run.network(images, targets)
+    total = sum(losses.values())
+    values = torch.stack([total.detach().float()] + [v.detach().float() for v in losses.values()])
+    if run.world_size > 1:
+        dist.all_reduce(values)
+        values /= run.world_size
+    stats = dict(zip(["loss", *losses], values.tolist()))
+    step = run.iteration + 1
+    bad = ", ".join(f"{name} = {value:g}" for name, value in stats.items() if not math.isfinite(value))
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at iteration {step}: {bad}. Training stopped; nothing was saved for this step "
+            f"({run.last_path} holds the last good checkpoint). Try a lower LEARNING_RATE, a longer WARMUP_ITERS "
+            "or GRADIENT_CLIP_NORM.")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(total).backward()
+    if run.config.GRADIENT_CLIP_NORM > 0:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.GRADIENT_CLIP_NORM)
+        # With the float16 scaler an inf norm is expected now and then: the scaler skips that step.
+        if not run.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"non-finite gradient norm at iteration {step} (losses were finite). "
+                                     f"Training stopped; {run.last_path} holds the last good checkpoint.")
+        stats["grad_norm"] = float(grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.iteration = step
+    return stats
+
+
+############################################################
 #  Checkpoints
 ############################################################
 
@@ -108,6 +302,13 @@ def trainable_layers(iteration: int, config: Config) -> int:
 def save_atomic(state: dict, path: str):
     """torch.save through a temporary file that is renamed over `path` once complete."""
     utils.atomic_write(path, lambda f: torch.save(state, f))
+
+
+def seed_everything(seed: int):
+    """Seeds torch, numpy and Python's random module."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state(device) -> dict:
@@ -125,22 +326,63 @@ def set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def save_checkpoint(run: Run):
+    """Writes OUT/last.pth, and OUT/model_<iteration>.pth every CHECKPOINT_PERIOD and at MAX_ITERS, each
+    atomically: model, optimizer, scheduler, scaler, iteration, every process's random state, config,
+    training seconds. Every process must call it (the random states are gathered to the first one)."""
+    states = [rng_state(run.device)]
+    if run.world_size > 1:
+        mine, states = states[0], [None] * run.world_size
+        dist.all_gather_object(states, mine)
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+             "iteration": run.iteration, "rng": states, "config": run.config.to_dict(),
+             "train_seconds": run.train_seconds}
+    if run.main_process:
+        save_atomic(state, run.last_path)
+        if run.iteration % run.config.CHECKPOINT_PERIOD == 0 or run.iteration == run.config.MAX_ITERS:
+            save_atomic(state, os.path.join(run.out, f"model_{run.iteration:07d}.pth"))
+
+
+def restore(run: Run, checkpoint: dict):
+    """Continues `run` from a checkpoint of save_checkpoint: optimizer, schedule, scaler, iteration,
+    training seconds and this process's random state (the weights come with MaskRCNN.from_checkpoint).
+    With another number of processes than the checkpoint's, the random streams restart from the seed."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.iteration = int(checkpoint["iteration"])
+    run.train_seconds = float(checkpoint.get("train_seconds", 0.0))
+    states = checkpoint.get("rng", [])
+    if len(states) == run.world_size:
+        set_rng_state(states[run.rank], run.device)
+    else:
+        logger.warning("the checkpoint has RNG states for %d processes, this run has %d: random streams "
+                       "restart from the seed", len(states), run.world_size)
+        seed_everything(run.config.SEED + run.rank)
+
+
 ############################################################
-#  Logging
+#  Logging, evaluation, Ctrl-C
 ############################################################
 
 
-class RunLog:
-    """JSON lines (OUT/log.jsonl) and TensorBoard events (OUT/events.*), written by the first process."""
+class TrainingLog:
+    """What the first process shows and keeps of a run: a tqdm bar, JSON lines (OUT/log.jsonl) and
+    TensorBoard events (OUT/events.*). With `enabled` False (the other processes) it does nothing.
 
-    def __init__(self, out: str, start: int, enabled: bool):
+    A run resumed at `start` drops the lines after it (steps logged by a run killed after its last
+    checkpoint, which will run again); a run from the start begins a new file."""
+
+    def __init__(self, out: str, start: int, end: int, enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(out, "log.jsonl")
         self.writer = None
+        self.progress = tqdm(total=end, initial=start, desc="train", disable=not enabled, dynamic_ncols=True)
+        self.restart_window()
         if not enabled:
             return
         if start > 0 and os.path.exists(self.path):
-            # A run killed after its last checkpoint logged steps that will now be run again.
             kept = [json.dumps(r) + "\n" for r in utils.read_jsonl(self.path) if r.get("iteration", 0) <= start]
             utils.atomic_write(self.path, lambda f: f.writelines(kept), mode="w")
         elif start == 0 and os.path.exists(self.path):
@@ -152,7 +394,37 @@ class RunLog:
             return
         self.writer = SummaryWriter(out, purge_step=start if start > 0 else None)
 
+    def restart_window(self):
+        """Images per second are measured over the steps since this call."""
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def restart_clock(self):
+        """The time since the last step (an evaluation) is not training: the window's clock starts now."""
+        self.window_start = time.perf_counter()
+
+    def step(self, images: int):
+        """Counts a training step of `images` images (over all processes): the bar moves on."""
+        self.window_images += images
+        self.progress.update(1)
+
+    def write_step(self, iteration: int, stats: dict, lr: float, train_seconds: float):
+        """One line for the step just counted: train_step's losses (and grad_norm), the learning rate for
+        the next step, the images per second since the last line, the training seconds so far."""
+        elapsed = time.perf_counter() - self.window_start
+        record = {"iteration": iteration, "lr": lr,
+                  **{name: round(value, 5) for name, value in stats.items() if name != "grad_norm"},
+                  "images_per_second": round(self.window_images / max(elapsed, 1e-9), 2),
+                  "train_seconds": round(train_seconds, 1)}
+        if "grad_norm" in stats:
+            record["grad_norm"] = round(stats["grad_norm"], 4)
+        self.write(record)
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}",
+                                  img_s=f"{record['images_per_second']:.1f}")
+        self.restart_window()
+
     def write(self, record: dict):
+        """Appends `record` (with its "iteration") to log.jsonl; its numbers, and those of dicts in it
+        (an evaluation: {"bbox": {...}, "segm": {...}}), to TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -163,15 +435,57 @@ class RunLog:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "iteration":
                 self.writer.add_scalar(f"train/{key}", value, step)
-            elif isinstance(value, dict):  # evaluation: {"bbox": {...}, "segm": {...}}
+            elif isinstance(value, dict):
                 for name, number in value.items():
                     if isinstance(number, float):
                         self.writer.add_scalar(f"{key}/{name}", number, step)
         self.writer.flush()
 
     def close(self):
+        self.progress.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def evaluate(run: Run, log: TrainingLog) -> Optional[dict]:
+    """COCO evaluation of the model on VAL_SPLIT, split among the processes. The first process logs the
+    table and writes {"iteration", "eval": {"bbox": .., "segm": ..}} to the log and gets coco.evaluate's
+    metrics; the others get None."""
+    if run.val_set is None:
+        run.val_set = coco.CocoDataset(run.data, run.config.VAL_SPLIT, run.config.LABELS_ARE_CATEGORY_IDS)
+    metrics, table, _ = coco.evaluate(run.model, run.val_set, max(1, run.config.BATCH_SIZE // run.world_size),
+                                      run.device, amp=run.amp, progress=run.main_process)
+    if run.main_process:
+        logger.info("iteration %d, %s:\n%s", run.iteration, run.config.VAL_SPLIT, table)
+        log.write({"iteration": run.iteration, "eval": {k: metrics[k] for k in ("bbox", "segm")}})
+    return metrics
+
+
+class StopOnCtrlC:
+    """Ctrl-C during training, as a context manager around the loop: the first SIGINT sets `requested`,
+    so that the loop finishes its step, saves and stops; a second raises KeyboardInterrupt at once.
+    The handler is installed only when `enabled` and in the main thread (Python allows signal handlers
+    only there; under torchrun the launcher stops the workers), and the previous one is put back on exit."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: stopping after this step (press Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 ############################################################
@@ -179,250 +493,64 @@ class RunLog:
 ############################################################
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Mask R-CNN (one process, or many under torchrun).")
-    parser.add_argument("--config", default="shapes", help="preset: shapes (synthetic, the default) or coco")
-    parser.add_argument("--data", help="data root with annotations/ and the image folders (default: data/shapes "
-                        "for shapes, written there if missing)")
-    parser.add_argument("--weights", help="initial weights: a checkpoint path, imagenet, coco or coco_v2")
-    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, metrics)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
-    parser.add_argument("--iters", type=int, help="stop after this iteration (the schedule still ends at "
-                        "MAX_ITERS, so --resume continues the same run)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
-
-
-def build_config(args, checkpoint):
-    """The preset, or the checkpoint's config when resuming, with --set on top."""
-    config = Config.from_dict(checkpoint["config"]) if checkpoint is not None else named_config(args.config)
-    return config.override(args.set)
-
-
-def default_data(args):
-    if args.data:
-        return args.data
-    if args.config == "shapes":
-        return "data/shapes"
-    raise SystemExit("--data is required for --config coco (the folder with annotations/ and train2017/)")
-
-
 @torch.enable_grad()  # also when called from code (a notebook) that turned gradients off
 def train(args):
-    rank, world_size, device = setup_distributed(args.device)
-    main_process = rank == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
-    last_path = os.path.join(args.out, "last.pth")
-    checkpoint = None
-    if args.resume:
-        if not os.path.exists(last_path):
-            raise SystemExit(f"--resume: no checkpoint at {last_path}")
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-    config = build_config(args, checkpoint)
-    if config.BATCH_SIZE % world_size:
-        raise SystemExit(f"BATCH_SIZE={config.BATCH_SIZE} must be a multiple of the number of processes "
-                         f"({world_size})")
-    data = default_data(args)
-
-    # Data: the first process writes the shapes data set if needed, the others wait for it.
-    error = None
-    if main_process:
-        os.makedirs(args.out, exist_ok=True)
-        if args.config == "shapes" and checkpoint is None:
-            try:
-                import shapes
-
-                shapes.ensure(data)
-            except Exception as e:  # noqa: BLE001 (passed on to every process below)
-                error = e
-    broadcast_error(error, world_size)
-    train_set = coco.CocoDataset(data, config.TRAIN_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
-    if train_set.num_classes > config.NUM_CLASSES:
-        raise SystemExit(f"the data set has labels up to {train_set.num_classes - 1} but NUM_CLASSES="
-                         f"{config.NUM_CLASSES}; use --set NUM_CLASSES={train_set.num_classes}")
-
-    # Model, optimizer, schedule.
-    torch.manual_seed(config.SEED + rank)
-    np.random.seed(config.SEED + rank)
-    random.seed(config.SEED + rank)
-    model = MaskRCNN(config).to(device)
-    if args.weights and checkpoint is None:
-        model.load_weights(args.weights)
-    start = 0 if checkpoint is None else int(checkpoint["iteration"])
-    layers = trainable_layers(start, config)
-    model.backbone.body.freeze(layers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
-                                weight_decay=config.WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, config))
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    train_seconds = 0.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_seconds = float(checkpoint.get("train_seconds", 0.0))
-        states = checkpoint.get("rng", [])
-        if len(states) == world_size:
-            set_rng_state(states[rank], device)
-        else:
-            logger.warning("the checkpoint has RNG states for %d processes, this run has %d: random streams "
-                           "restart from the seed", len(states), world_size)
-        logger.info("resuming %s at iteration %d", last_path, start)
-    end = min(config.MAX_ITERS, args.iters if args.iters is not None else config.MAX_ITERS)
-
-    def wrap(module):
-        if world_size == 1:
-            return module
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    network = wrap(model)
-    sampler = coco.TrainingBatchSampler(train_set.aspect_ratios, config.BATCH_SIZE // world_size, config.SEED,
-                                        rank, world_size, config.HFLIP, start)
-    # The loader gets its own generator so that making it does not draw from the global RNG.
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.NUM_WORKERS,
-                                         collate_fn=coco.collate, generator=torch.Generator(),
-                                         persistent_workers=False)
-    val_set = None
-    log = RunLog(args.out, start, main_process)
-    if main_process:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1)
-
-    def checkpoint_state(iteration):
-        rng = rng_state(device)
-        states = [rng]
-        if world_size > 1:
-            states = [None] * world_size
-            dist.all_gather_object(states, rng)
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
-                "rng": states, "config": config.to_dict(), "train_seconds": train_seconds}
-
-    def save(iteration):
-        state = checkpoint_state(iteration)  # every process takes part (RNG states are gathered)
-        if main_process:
-            save_atomic(state, last_path)
-            if iteration % config.CHECKPOINT_PERIOD == 0 or iteration == config.MAX_ITERS:
-                save_atomic(state, os.path.join(args.out, f"model_{iteration:07d}.pth"))
-
-    def run_evaluation(iteration):
-        nonlocal val_set
-        if val_set is None:
-            val_set = coco.CocoDataset(data, config.VAL_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
-        metrics, table, _ = coco.evaluate(network.module if world_size > 1 else model, val_set,
-                                          max(1, config.BATCH_SIZE // world_size), device, amp=args.amp,
-                                          progress=main_process)
-        if main_process:
-            logger.info("iteration %d, %s:\n%s", iteration, config.VAL_SPLIT, table)
-            log.write({"iteration": iteration, "eval": {k: metrics[k] for k in ("bbox", "segm")}})
-        return metrics
-
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    progress = tqdm(total=end, initial=start, desc="train", disable=not main_process, dynamic_ncols=True)
-    iteration, window_start, window_images = start, time.perf_counter(), 0
-    loader_iter = iter(loader)
-    # Ctrl-C (single process) finishes the current step, saves and stops; a second one stops at once.
-    interrupted = []
-    previous_handler = None
-    if world_size == 1 and threading.current_thread() is threading.main_thread():
-        def on_interrupt(signum, frame):
-            if interrupted:
-                raise KeyboardInterrupt
-            interrupted.append(signum)
-            logger.warning("interrupt: stopping after this step (press Ctrl-C again to stop at once)")
-
-        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        while iteration < end and not interrupted:
-            step_started = time.perf_counter()
-            if trainable_layers(iteration, config) != layers:
-                layers = trainable_layers(iteration, config)
-                model.backbone.body.freeze(layers)
-                network = wrap(model)  # DDP fixes its parameter set when it is built
-                logger.info("iteration %d: %d trainable backbone stages", iteration, layers)
-            images, targets = next(loader_iter)
-            images = [image.to(device, non_blocking=True) for image in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                losses = network(images, targets)
-            total = sum(losses.values())
-            values = torch.stack([total.detach().float()] + [v.detach().float() for v in losses.values()])
-            if world_size > 1:
-                dist.all_reduce(values)
-                values /= world_size
-            if not bool(torch.isfinite(values).all()):
-                names = ["loss"] + list(losses)
-                bad = ", ".join(f"{n} = {v:g}" for n, v in zip(names, values.tolist()) if not math.isfinite(v))
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {iteration + 1}: {bad}. Training stopped; nothing was saved "
-                    f"for this step ({last_path} holds the last good checkpoint). Try a lower LEARNING_RATE, "
-                    "a longer WARMUP_ITERS or GRADIENT_CLIP_NORM.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            grad_norm = None
-            if config.GRADIENT_CLIP_NORM > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.GRADIENT_CLIP_NORM)
-                if not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
-                    raise FloatingPointError(f"non-finite gradient norm at iteration {iteration + 1} (losses were "
-                                             f"finite). Training stopped; {last_path} holds the last good checkpoint.")
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration += 1
-            train_seconds += time.perf_counter() - step_started
-            window_images += config.BATCH_SIZE
-            progress.update(1)
-
-            if iteration % config.LOG_PERIOD == 0 or iteration == end:
-                elapsed = time.perf_counter() - window_start
-                record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
-                          **{n: round(v, 5) for n, v in zip(["loss"] + list(losses), values.tolist())},
-                          "images_per_second": round(window_images / max(elapsed, 1e-9), 2),
-                          "train_seconds": round(train_seconds, 1)}
-                if grad_norm is not None:
-                    record["grad_norm"] = round(float(grad_norm), 4)
-                log.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}",
-                                     img_s=f"{record['images_per_second']:.1f}")
-                window_start, window_images = time.perf_counter(), 0
-            if iteration % config.CHECKPOINT_PERIOD == 0 and iteration != end:
-                save(iteration)
-            if config.EVAL_PERIOD and iteration % config.EVAL_PERIOD == 0 and iteration != config.MAX_ITERS:
-                run_evaluation(iteration)
-                window_start = time.perf_counter()
-    except KeyboardInterrupt:
-        # Stopped inside a step (a second Ctrl-C): the forward pass may already have moved BatchNorm
-        # statistics, so nothing is saved and the last checkpoint stands.
-        logger.warning("stopped inside iteration %d; %s holds the last checkpoint", iteration + 1, last_path)
-        log.close()
-        raise
-    finally:
-        progress.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    if interrupted:
-        logger.warning("interrupted; saving iteration %d to %s (continue with --resume)", iteration, last_path)
-        save(iteration)
+    """Trains as the command line (parse_args) says and returns the model."""
+    run = build_run(args)
+    config = run.config
+    log = TrainingLog(run.out, run.iteration, run.end, enabled=run.main_process)
+    batches = iter(run.loader)
+    with StopOnCtrlC(enabled=run.world_size == 1) as ctrl_c:
+        try:
+            while run.iteration < run.end and not ctrl_c.requested:
+                started = time.perf_counter()
+                # The backbone stages that train from this step on (TRAINING_STAGES).
+                set_training_stage(run)
+                # Forward, backward, update.
+                stats = train_step(run, next(batches))
+                run.train_seconds += time.perf_counter() - started
+                # Progress and logging.
+                log.step(config.BATCH_SIZE)
+                if run.iteration % config.LOG_PERIOD == 0 or run.iteration == run.end:
+                    log.write_step(run.iteration, stats, run.optimizer.param_groups[0]["lr"], run.train_seconds)
+                # Checkpoints and evaluation (the last checkpoint and evaluation come after the loop).
+                if run.iteration % config.CHECKPOINT_PERIOD == 0 and run.iteration != run.end:
+                    save_checkpoint(run)
+                if config.EVAL_PERIOD and run.iteration % config.EVAL_PERIOD == 0 and run.iteration != config.MAX_ITERS:
+                    evaluate(run, log)
+                    log.restart_clock()
+        except KeyboardInterrupt:
+            # Stopped inside a step (a second Ctrl-C): the forward pass may already have moved BatchNorm
+            # statistics, so nothing is saved and the last checkpoint stands.
+            logger.warning("stopped inside iteration %d; %s holds the last checkpoint", run.iteration + 1,
+                           run.last_path)
+            log.close()
+            raise
+        finally:
+            log.progress.close()
+    # Ctrl-C: save where the loop stopped and exit (continue with --resume).
+    if ctrl_c.requested:
+        logger.warning("interrupted; saving iteration %d to %s (continue with --resume)", run.iteration,
+                       run.last_path)
+        save_checkpoint(run)
         log.close()
         raise KeyboardInterrupt
-    save(iteration)
-    if main_process:
-        logger.info("iteration %d: %.1f s of training; checkpoint %s", iteration, train_seconds, last_path)
-    if iteration == config.MAX_ITERS:
-        metrics = run_evaluation(iteration)
-        if main_process:
-            coco.write_json_atomic(os.path.join(args.out, "metrics.json"),
-                                   {"bbox": metrics["bbox"], "segm": metrics["segm"],
-                                    "train_seconds": round(train_seconds, 1), "iteration": iteration})
+    # The end: the last checkpoint, and at MAX_ITERS the final evaluation in OUT/metrics.json.
+    save_checkpoint(run)
+    if run.main_process:
+        logger.info("iteration %d: %.1f s of training; checkpoint %s", run.iteration, run.train_seconds,
+                    run.last_path)
+    if run.iteration == config.MAX_ITERS:
+        metrics = evaluate(run, log)
+        if run.main_process:
+            utils.write_json_atomic(os.path.join(run.out, "metrics.json"),
+                                    {"bbox": metrics["bbox"], "segm": metrics["segm"],
+                                     "train_seconds": round(run.train_seconds, 1), "iteration": run.iteration})
     log.close()
-    if world_size > 1:
+    if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return model
+    return run.model
 
 
 def main(argv=None):

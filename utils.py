@@ -155,6 +155,11 @@ def atomic_write(path, write, mode="wb"):
         raise
 
 
+def write_json_atomic(path, data):
+    """Writes JSON through a temporary file and a rename, so `path` is never half written."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=1), mode="w")
+
+
 def read_jsonl(path) -> list[dict]:
     """The records of a JSON-lines file, skipping a line cut short (a run killed while writing it)."""
     records = []

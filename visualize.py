@@ -528,12 +528,14 @@ def main(argv=None):
     import torch
 
     import coco
+    from config import named_config
+    from model import MaskRCNN
 
     parser = argparse.ArgumentParser(description="Draw ground truth beside detections on validation images, "
                                                  "every stage view, and the training curves.")
     parser.add_argument("--weights", required=True, help="checkpoint written by train.py")
     parser.add_argument("--config", default="shapes", help="preset when the checkpoint has no config")
-    parser.add_argument("--data", default="data/shapes")
+    parser.add_argument("--data", help="data root (default: the shapes data set's folder for --config shapes)")
     parser.add_argument("--split", help="default: the config's VAL_SPLIT")
     parser.add_argument("--out", required=True, help="folder for the pictures")
     parser.add_argument("--count", type=int, default=4)
@@ -541,8 +543,9 @@ def main(argv=None):
     parser.add_argument("--min-score", type=float, default=0.5)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    model = coco.model_for_evaluation(args.config, args.weights).eval()
-    dataset = coco.CocoDataset(args.data, args.split or model.config.VAL_SPLIT, model.config.LABELS_ARE_CATEGORY_IDS)
+    model = MaskRCNN.from_checkpoint(args.weights, config=named_config(args.config)).eval()
+    data = coco.data_root(args.config, args.data)
+    dataset = coco.CocoDataset(data, args.split or model.config.VAL_SPLIT, model.config.LABELS_ARE_CATEGORY_IDS)
     grid = draw_detections(model, dataset, args.out, args.count, args.scale, args.min_score)
     image, target = dataset_image(dataset, 0)
     stage_views(model, image, args.out, "val", target, args.min_score, args.scale)

@@ -547,24 +547,6 @@ def test_evaluate_with_category_id_labels_and_a_limit(eval_data):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Atomic JSON
-
-
-def test_write_json_atomic(tmp_path):
-    path = tmp_path / "sub" / "metrics.json"
-    coco.write_json_atomic(str(path), {"AP": 0.5, "images": [1, 2]})
-    assert json.loads(path.read_text()) == {"AP": 0.5, "images": [1, 2]}
-    before = path.read_bytes()
-    with pytest.raises(TypeError):
-        coco.write_json_atomic(str(path), {"AP": 0.7, "more": list(range(100)), "bad": object()})
-    assert path.read_bytes() == before
-    assert os.listdir(path.parent) == ["metrics.json"]
-    coco.write_json_atomic(str(path), {"AP": 0.7})
-    assert json.loads(path.read_text()) == {"AP": 0.7}
-    assert os.listdir(path.parent) == ["metrics.json"]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line
 
 

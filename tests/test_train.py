@@ -1,17 +1,21 @@
 """Tests of train.py: a short run and everything it writes, the learning-rate schedule, exact resumption
 (after --iters, and after a real SIGKILL), two processes under torchrun (gloo), the stop on a non-finite
-loss, atomic checkpoints, staged training and clear errors on bad input.
+loss, atomic checkpoints, staged training and clear errors on bad input; and, in this process, each piece
+of the loop alone (build_run, train_step, the checkpoint round trip, TrainingLog, evaluate, StopOnCtrlC)
+and MaskRCNN.from_checkpoint.
 
 Everything runs on CPU with a tiny model on a tiny shapes data set (64 px images), one thread per process
-(the machine is shared). Expected values are hand-computed from the documented formulas, or come from
-comparing two ways of running that must agree bit for bit (an uninterrupted run against a stopped and
-resumed one).
+(the machine is shared). Expected values are hand-computed from the documented formulas (the SGD update,
+the clipped gradient's norm computed here in float64, the learning rate), or come from comparing two ways
+of running that must agree bit for bit (an uninterrupted run against a stopped and resumed one, random
+numbers drawn after a save and after the restore).
 """
 
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -544,3 +549,231 @@ def test_training_without_tensorboard_still_logs(data, tmp_path, monkeypatch, ca
     assert [r["iteration"] for r in training_records(out)] == [1, 2]
     assert list(out.glob("events.out.tfevents.*")) == []
     assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
+
+
+############################################################
+#  The loop's pieces, in this process
+############################################################
+
+
+def build(data, out, *settings, resume=False, iters=None):
+    """train.build_run for SETTINGS plus `settings` (only `settings` on resume, as `run` does)."""
+    args = train_args(data, out, *(settings if resume else (*SETTINGS, *settings)), resume=resume, iters=iters)
+    return train.build_run(train.parse_args(args))
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_build_run_gives_the_optimizer_and_schedule_the_config_asks_for(data, tmp_path):
+    run = build(data, tmp_path, "LR_SCHEDULE=step", "LEARNING_RATE=0.02", "WARMUP_ITERS=4", "WARMUP_FACTOR=0.1",
+                "LR_STEPS=(6,)", "LR_GAMMA=0.5", "LEARNING_MOMENTUM=0.8", "WEIGHT_DECAY=0.001", iters=5)
+    assert run.iteration == 0 and run.end == 5 and run.config.MAX_ITERS == 8
+    assert run.data == str(data) and run.world_size == 1 and run.main_process
+    assert isinstance(run.optimizer, torch.optim.SGD)
+    group = run.optimizer.param_groups[0]
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 0.001
+    assert len(group["params"]) == len(list(run.model.parameters()))
+    # The shapes config trains every stage; the loader gives BATCH_SIZE=2 images a step.
+    assert run.layers == 5 and all(p.requires_grad for p in run.model.parameters())
+    images, targets = next(iter(run.loader))
+    assert len(images) == len(targets) == 2
+    # LEARNING_RATE * lr_factor: warm-up 0.1 * (1 - it / 4) + it / 4 until iteration 4, then 1, then x 0.5 from 6:
+    # it 0: 0.02 * 0.1 = 0.002;  it 1: 0.02 * 0.325 = 0.0065;  it 4, 5: 0.02;  it 6: 0.01.
+    lrs = [group["lr"]]
+    for _ in range(6):
+        run.optimizer.step()  # no gradients yet: changes nothing, keeps the scheduler's order check quiet
+        run.scheduler.step()
+        lrs.append(group["lr"])
+    assert lrs == pytest.approx([0.002, 0.0065, 0.011, 0.0155, 0.02, 0.02, 0.01], rel=1e-12)
+    assert json.loads((tmp_path / "config.json").read_text())["LEARNING_RATE"] == 0.02
+
+
+def test_train_step_is_one_sgd_step_with_finite_losses(data, tmp_path):
+    # No warm-up and no clipping: the step is plain SGD at LEARNING_RATE, momentum buffer = gradient +
+    # WEIGHT_DECAY * weight on the first step, so weight -= lr * (gradient + weight_decay * weight).
+    run = build(data, tmp_path, "WARMUP_ITERS=0", "GRADIENT_CLIP_NORM=0.0")
+    before = parameters(run.model)
+    stats = train.train_step(run, next(iter(run.loader)))
+    assert set(stats) == LOSS_KEYS and next(iter(stats)) == "loss"
+    assert all(math.isfinite(v) for v in stats.values())
+    assert stats["loss"] == pytest.approx(sum(v for k, v in stats.items() if k != "loss"), rel=1e-5)
+    assert run.iteration == 1 and run.scheduler.last_epoch == 1
+    lr, decay = 0.01, run.config.WEIGHT_DECAY
+    trained = 0
+    for name, p in run.model.named_parameters():
+        if p.grad is None:
+            continue
+        expected = before[name] - lr * (p.grad + decay * before[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-9, msg=name)
+        trained += not torch.equal(p.detach(), before[name])
+    assert trained > len(before) // 2
+
+
+def test_train_step_stops_on_a_nan_loss_before_changing_anything(data, tmp_path):
+    run = build(data, tmp_path)
+    with torch.no_grad():  # NaN mask logits: only loss_mask is NaN
+        run.model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(float("nan"))
+    before = parameters(run.model)
+    with pytest.raises(FloatingPointError) as error:
+        train.train_step(run, next(iter(run.loader)))
+    message = str(error.value)
+    # The message train.py logs (test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint).
+    assert "non-finite loss at iteration 1: loss = nan, loss_mask = nan." in message
+    assert "loss_classifier" not in message and run.last_path in message and "LEARNING_RATE" in message
+    assert run.iteration == 0 and run.scheduler.last_epoch == 0 and run.optimizer.state_dict()["state"] == {}
+    for name, value in parameters(run.model).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_clipping_bounds_the_gradient_norm(data, tmp_path):
+    # The same step twice from the same seed: unclipped, then clipped to a quarter of the gradient's norm.
+    free = build(data, tmp_path / "free", "GRADIENT_CLIP_NORM=0.0")
+    free_stats = train.train_step(free, next(iter(free.loader)))
+    assert "grad_norm" not in free_stats
+    raw = {name: p.grad.double() for name, p in free.model.named_parameters() if p.grad is not None}
+    norm = math.sqrt(sum(float((g**2).sum()) for g in raw.values()))
+    clip = norm / 4
+    clipped = build(data, tmp_path / "clipped", f"GRADIENT_CLIP_NORM={clip!r}")
+    stats = train.train_step(clipped, next(iter(clipped.loader)))
+    assert stats["loss"] == free_stats["loss"]
+    # The norm before clipping (torch sums float32 squares, this test float64 ones: 1e-4 apart at most).
+    assert stats["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    grads = {name: p.grad.double() for name, p in clipped.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == raw.keys()
+    assert math.sqrt(sum(float((g**2).sum()) for g in grads.values())) == pytest.approx(clip, rel=1e-4)
+    for name in raw:  # every gradient scaled by the same factor
+        torch.testing.assert_close(grads[name], raw[name] * (clip / norm), rtol=1e-4, atol=1e-12, msg=name)
+
+
+def random_draws():
+    return float(torch.rand(())), float(np.random.rand()), random.random()
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_iteration_and_random_state(data, tmp_path):
+    run = build(data, tmp_path)
+    batches = iter(run.loader)
+    for _ in range(3):
+        train.train_step(run, next(batches))
+    run.train_seconds = 12.5
+    train.save_checkpoint(run)
+    after_save = random_draws()
+    next_images, _ = next(batches)
+    torch.manual_seed(1234)  # whatever happens in between
+    np.random.seed(1234)
+    random.seed(1234)
+
+    resumed = build(data, tmp_path, resume=True)
+    assert random_draws() == after_save
+    assert resumed.iteration == 3 and resumed.train_seconds == 12.5
+    assert resumed.config.to_dict() == run.config.to_dict()
+    assert_same_state(run.model.state_dict(), resumed.model.state_dict())
+    assert_same_momentum(run.optimizer.state_dict(), resumed.optimizer.state_dict())
+    assert resumed.scheduler.last_epoch == 3
+    assert resumed.optimizer.param_groups[0]["lr"] == run.optimizer.param_groups[0]["lr"]
+    images, _ = next(iter(resumed.loader))  # the data continues where it stopped
+    assert all(torch.equal(a, b) for a, b in zip(images, next_images))
+    # last.pth always; model_<iteration>.pth at CHECKPOINT_PERIOD=2 multiples only.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "last.pth"]
+    run.iteration = 4
+    train.save_checkpoint(run)
+    assert load(tmp_path / "model_0000004.pth")["iteration"] == 4 and leftovers(tmp_path) == []
+
+
+def test_training_log_writes_json_lines_and_keeps_only_steps_up_to_a_resume(tmp_path, monkeypatch):
+    clock = iter([100.0, 102.0, 103.0, 104.0, 105.0])  # window start, then one reading per write_step / restart
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    log = train.TrainingLog(str(tmp_path), start=0, end=4, enabled=True)
+    log.step(8)
+    log.write_step(1, {"loss": 1.234567891, "loss_mask": 0.5, "grad_norm": 3.14159265}, lr=0.01, train_seconds=2.06)
+    log.step(8)
+    log.step(8)
+    log.write_step(3, {"loss": 0.75, "loss_mask": 0.25}, lr=0.005, train_seconds=4.0)
+    log.write({"iteration": 3, "eval": {"bbox": {"AP": 0.5}, "segm": {"AP": 0.25}}})
+    log.close()
+    monkeypatch.undo()
+    # images/s: 8 images over 102 - 100 s; then 16 images over 104 - 103 s.
+    assert log_records(tmp_path) == [
+        {"iteration": 1, "lr": 0.01, "loss": 1.23457, "loss_mask": 0.5, "images_per_second": 4.0,
+         "train_seconds": 2.1, "grad_norm": 3.1416},
+        {"iteration": 3, "lr": 0.005, "loss": 0.75, "loss_mask": 0.25, "images_per_second": 16.0,
+         "train_seconds": 4.0},
+        {"iteration": 3, "eval": {"bbox": {"AP": 0.5}, "segm": {"AP": 0.25}}},
+    ]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+    train.TrainingLog(str(tmp_path), start=2, end=4, enabled=True).close()  # resumed at 2: 3 will run again
+    assert [r["iteration"] for r in log_records(tmp_path)] == [1]
+    train.TrainingLog(str(tmp_path), start=0, end=4, enabled=True).close()  # a new run: a new file
+    assert not (tmp_path / "log.jsonl").exists()
+    quiet = train.TrainingLog(str(tmp_path / "other"), start=0, end=4, enabled=False)  # not the first process
+    quiet.write({"iteration": 1, "loss": 1.0})
+    quiet.close()
+    assert not (tmp_path / "other").exists()
+
+
+def test_training_stage_changes_what_trains(data, tmp_path):
+    run = build(data, tmp_path, "TRAINING_STAGES=((0, 'heads'), (2, '4+'))")
+    body = dict(run.model.backbone.body.named_parameters())
+    assert run.layers == 0 and not any(p.requires_grad for p in body.values())
+    run.iteration = 2
+    train.set_training_stage(run)
+    # "4+": layer3 and layer4 (2 stages) train, the rest of the ResNet stays frozen.
+    assert run.layers == 2
+    assert {name for name, p in body.items() if p.requires_grad} == {
+        name for name in body if name.startswith(("layer3.", "layer4."))}
+
+
+def test_evaluate_logs_the_coco_metrics(data, tmp_path):
+    run = build(data, tmp_path)
+    log = train.TrainingLog(str(tmp_path), start=0, end=run.end, enabled=True)
+    metrics = train.evaluate(run, log)
+    log.close()
+    assert run.model.training  # evaluation puts it back
+    (record,) = log_records(tmp_path)
+    assert record == {"iteration": 0, "eval": {"bbox": metrics["bbox"], "segm": metrics["segm"]}}
+    assert STAT_KEYS <= metrics["segm"].keys()
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    with train.StopOnCtrlC() as ctrl_c:
+        assert not ctrl_c.requested
+        signal.raise_signal(signal.SIGINT)
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+    with train.StopOnCtrlC(enabled=False) as off:  # several processes: torchrun's signals stand
+        assert signal.getsignal(signal.SIGINT) is previous and not off.requested
+
+
+############################################################
+#  MaskRCNN.from_checkpoint
+############################################################
+
+
+def test_from_checkpoint_builds_the_trained_model_with_overrides(reference):
+    checkpoint = load(reference / "last.pth")
+    model = MaskRCNN.from_checkpoint(reference / "last.pth", ["DETECTION_MIN_CONFIDENCE=0.3"])
+    assert model.config.to_dict() == {**checkpoint["config"], "DETECTION_MIN_CONFIDENCE": 0.3}
+    assert_same_state(model.state_dict(), checkpoint["model"])
+    assert model.training and next(model.parameters()).device == torch.device("cpu")
+    # The dict torch.load gives works the same (train.py --resume passes it).
+    assert_same_state(MaskRCNN.from_checkpoint(checkpoint).state_dict(), checkpoint["model"])
+
+
+def test_from_checkpoint_of_weights_without_a_config(reference, tmp_path):
+    state = load(reference / "last.pth")["model"]
+    bare = tmp_path / "bare.pth"
+    torch.save(state, bare)
+    with pytest.raises(ValueError, match=r"bare\.pth.*no 'config'.*config="):
+        MaskRCNN.from_checkpoint(bare)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        MaskRCNN.from_checkpoint(tmp_path / "missing.pth")
+    config = named_config("shapes").override(SETTINGS)
+    model = MaskRCNN.from_checkpoint(bare, ["MASK_THRESHOLD=0.25"], config=config)
+    assert_same_state(model.state_dict(), state)
+    assert model.config.MASK_THRESHOLD == 0.25 and type(model.config) is type(config)
+    assert config.MASK_THRESHOLD == 0.5  # the caller's config is copied, not changed

@@ -1,6 +1,9 @@
 """Tests of utils: IoU and areas (against torchvision), RLE and polygons (against hand-made masks and
-pycocotools), image conversion and loading, weight file loading."""
+pycocotools), image conversion and loading, weight file loading, JSON written atomically (the file is whole or
+unchanged)."""
 
+import json
+import os
 import urllib.error
 
 import numpy as np
@@ -222,3 +225,21 @@ def test_load_state_dict_downloads_by_name(monkeypatch):
     utils.load_state_dict("imagenet", backbone="resnet101")
     assert urls == [torchvision.models.detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url,
                     torchvision.models.ResNet101_Weights.IMAGENET1K_V1.url]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic JSON
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    utils.write_json_atomic(str(path), {"AP": 0.5, "images": [1, 2]})
+    assert json.loads(path.read_text()) == {"AP": 0.5, "images": [1, 2]}
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        utils.write_json_atomic(str(path), {"AP": 0.7, "more": list(range(100)), "bad": object()})
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == ["metrics.json"]
+    utils.write_json_atomic(str(path), {"AP": 0.7})
+    assert json.loads(path.read_text()) == {"AP": 0.7}
+    assert os.listdir(path.parent) == ["metrics.json"]
