@@ -431,13 +431,17 @@ def draw_probabilities(ax, probs: np.ndarray, threshold: float):
 FAINT = (1.0, 1.0, 1.0, 0.35)  # RGBA of negative and background boxes (drawn 0.75 pt wide): seen, not read
 
 
-def target_arrays(targets: dict, boxes_key: str, keys=()) -> list[np.ndarray]:
-    """targets[boxes_key] as [N, 4] boxes, then targets[key] for each key as an [N] array: the entries of a
-    dict that model.training_targets returns. A ValueError names a missing or mismatched key."""
-    missing = [key for key in (boxes_key, *keys) if key not in targets]
+def require(targets: dict, *keys):
+    missing = [key for key in keys if key not in targets]
     if missing:
         raise ValueError(f"targets has no {', '.join(missing)}: expected a dict of model.training_targets; got keys "
                          f"{sorted(targets)}")
+
+
+def target_arrays(targets: dict, boxes_key: str, keys=()) -> list[np.ndarray]:
+    """targets[boxes_key] as [N, 4] boxes, then targets[key] for each key as an [N] array: the entries of a
+    dict that model.training_targets returns. A ValueError names a missing or mismatched key."""
+    require(targets, boxes_key, *keys)
     boxes = boxes_array(targets[boxes_key], f"targets['{boxes_key}']")
     arrays = [boxes]
     for key in keys:
@@ -558,9 +562,7 @@ def display_mask_targets(image, targets: dict, class_names, masks=None, columns=
         raise ValueError(f"columns must be a whole number >= 1; got {columns!r}")
     rois, foreground, class_ids, owners, gt_boxes, _ = sampled_rois(targets)
     boxes = rois[foreground]
-    if "mask_targets" not in targets:
-        raise ValueError(f"targets has no mask_targets: expected a dict of model.training_targets; got keys "
-                         f"{sorted(targets)}")
+    require(targets, "mask_targets")
     mask_targets = np.asarray(targets["mask_targets"], np.float32)
     if mask_targets.ndim != 3 or mask_targets.shape[0] != len(boxes) or mask_targets.shape[1] != mask_targets.shape[2]:
         raise ValueError(f"targets['mask_targets'] must be [F, M, M] with F = {len(boxes)} foreground rois; got "
