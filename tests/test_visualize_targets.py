@@ -10,10 +10,11 @@ of white). A mask target's crop is a slice of the image, by hand (a 28 px RoI is
 one every other pixel), with the mask blended by hand.
 
 anchors_for_input: feature grids checked against the real backbone's feature shapes, anchors by hand (cell
-centres, sizes). network_input_size: the size model.preprocess gives the image. anchor_coverage: hand cases (a box equal to an anchor has IoU 1 at that anchor's level; a
-3 x 3 box inside a 16 px anchor has IoU 9 / 256; a box in an image that training enlarges twice; a duplicated
-box gets no positive anchor, since the matcher gives ties to the first box) and counts that add up. The
-integration test runs the real model.training_targets (skipped until it exists).
+centres, sizes). network_input_size: the size model.preprocess gives the image. anchor_coverage: hand cases (a
+box equal to an anchor has IoU 1 at that anchor's level; a 3 x 3 box inside a 16 px anchor has IoU 9 / 256; a
+box in an image that training enlarges twice; a duplicated box gets no positive anchor, since the matcher gives
+ties to the first box) and counts that add up. The integration test runs the real model.training_targets
+(skipped until it exists).
 """
 
 import json
