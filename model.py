@@ -357,6 +357,28 @@ def generate_anchors(features: list[Tensor], image_size, config: Config) -> Tens
     return torch.cat(anchors)
 
 
+def anchors_for_input(height: int, width: int, config: Config) -> tuple[Tensor, Tensor]:
+    """The RPN's anchors for one network input of (height, width) pixels (the resized image, before
+    padding), without running the network (visualize.anchor_coverage).
+
+    Returns anchors [A, 4] (x1, y1, x2, y2) in the input's pixels, in generate_anchors' order, and
+    levels [A] int64 (0 = P2). The input is padded to IMAGE_SIZE_DIVISOR; every stride-2 layer of the
+    backbone (conv1, the max-pool, the first block of layer2-4, P6's pool) maps n cells to ceil(n / 2).
+    """
+    divisor = config.IMAGE_SIZE_DIVISOR
+    grid = (math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor)
+    padded = grid
+    grids = []
+    for halvings in (2, 1, 1, 1, 1):  # P2 is at stride 4, P3-P6 each double it
+        for _ in range(halvings):
+            grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
+        grids.append(grid)
+    features = [torch.empty((0, *g)) for g in grids]  # only their shapes are read
+    anchors = generate_anchors(features, padded, config)
+    counts = torch.tensor([g[0] * g[1] * len(config.ANCHOR_RATIOS) for g in grids])
+    return anchors, torch.repeat_interleave(torch.arange(len(grids)), counts)
+
+
 ############################################################
 #  Box coding, IoU, matching, sampling
 ############################################################

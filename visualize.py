@@ -6,21 +6,27 @@
     display_proposals     RPN proposals before and after NMS, in the image's own pixels
     display_refinement    each detection's proposal (dashed) and the box it was refined to (solid)
     display_mask_predictions   the M x M mask probabilities of each detection before pasting
+    display_rpn_targets   training: positive anchors with the boxes they regress to, sampled negatives
+    display_sampled_rois  training: the RoIs sampled for the heads, foreground by class
+    display_mask_targets  training: each foreground RoI's M x M mask target beside its image crop
     plot_training_curves  losses, learning rate and AP from a run's log.jsonl
+    anchor_coverage       each ground-truth box's best anchor IoU over a data set (plot_anchor_coverage)
 
 The stage views take what `model.detect(images, return_intermediates=True)` returns in
-r["intermediates"]. Every function returns a matplotlib figure (a notebook shows it), or with
-`save_path=` writes a PNG instead. Pictures of images are drawn at exactly `scale` times the
-image's size in pixels, panels side by side with GAP white pixels between them. Without a display
-matplotlib's Agg backend is used.
+r["intermediates"]; the training views one dict of `model.training_targets(images, targets)`.
+Every function returns a matplotlib figure (a notebook shows it), or with `save_path=` writes a PNG
+instead. Pictures of images are drawn at exactly `scale` times the image's size in pixels, panels
+side by side with GAP white pixels between them. Without a display matplotlib's Agg backend is used.
 
     python visualize.py --weights runs/demo/last.pth --out runs/demo/pictures   # what make demo draws
+    python visualize.py --inspect-data --config shapes --data data/shapes --out runs/coverage
 """
 
 import argparse
 import colorsys
 import math
 import os
+import sys
 
 import matplotlib
 
@@ -405,14 +411,181 @@ def display_mask_predictions(mask_probs, class_ids, class_names, scores=None, th
                     save_path)
     panels = []
     for i, probs in enumerate(mask_probs):
-        def draw(ax, probs=probs):
-            ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-            if probs.min() < threshold < probs.max():
-                ax.contour(probs, levels=[threshold], colors="white", linewidths=1.0)
-
         title = label_text(int(class_ids[i]), class_names, None if scores is None else scores[i])
-        panels.append(render(size, size, draw, scale, title, font_size))
+        panels.append(render(size, size, lambda ax, probs=probs: draw_probabilities(ax, probs, threshold), scale,
+                             title, font_size))
     return show(compose(panels, columns), save_path)
+
+
+def draw_probabilities(ax, probs: np.ndarray, threshold: float):
+    """probs [M, M] in [0, 1] as viridis colours (dark 0, yellow 1), the `threshold` contour in white."""
+    ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    if probs.min() < threshold < probs.max():
+        ax.contour(probs, levels=[threshold], colors="white", linewidths=1.0)
+
+
+############################################################
+#  Training views: RPN targets, sampled RoIs, mask targets
+############################################################
+
+FAINT = (1.0, 1.0, 1.0, 0.35)  # RGBA of negative and background boxes (drawn 0.75 pt wide): seen, not read
+
+
+def require(targets: dict, *keys):
+    missing = [key for key in keys if key not in targets]
+    if missing:
+        raise ValueError(f"targets has no {', '.join(missing)}: expected a dict of model.training_targets; got keys "
+                         f"{sorted(targets)}")
+
+
+def target_arrays(targets: dict, boxes_key: str, keys=()) -> list[np.ndarray]:
+    """targets[boxes_key] as [N, 4] boxes, then targets[key] for each key as an [N] array: the entries of a
+    dict that model.training_targets returns. A ValueError names a missing or mismatched key."""
+    require(targets, boxes_key, *keys)
+    boxes = boxes_array(targets[boxes_key], f"targets['{boxes_key}']")
+    arrays = [boxes]
+    for key in keys:
+        values = np.asarray(targets[key])
+        if values.shape != (boxes.shape[0],):
+            raise ValueError(f"targets['{key}'] must be [{boxes.shape[0]}] (one per targets['{boxes_key}']); got "
+                             f"shape {values.shape}")
+        arrays.append(values)
+    return arrays
+
+
+def check_matches(matched: np.ndarray, chosen: np.ndarray, gt_count: int, key: str) -> np.ndarray:
+    """matched[chosen] as indices into the gt_count ground-truth boxes; a ValueError names `key` otherwise."""
+    picked = matched[chosen].astype(np.int64)
+    if picked.size and (picked.min() < 0 or picked.max() >= gt_count):
+        raise ValueError(f"targets['{key}'] must index targets['gt_boxes'] ({gt_count} boxes) where it is used; got "
+                         f"{sorted(set(picked.tolist()))}")
+    return picked
+
+
+def display_rpn_targets(image, targets: dict, scale=1, save_path=None, font_size=9):
+    """The RPN's training targets on one image: each ground-truth box (solid) with the positive anchors
+    matched to it, whose boxes it regresses them to (dashed), one colour per ground-truth box; the negative
+    anchors the sampler drew for the loss, faint (thin, translucent white); crowd regions dotted white.
+    Ignored anchors (IoU between the thresholds, or in a crowd region) are not drawn: the title counts them.
+
+    targets: one dict of model.training_targets (image's own pixels): gt_boxes, crowd_boxes, anchors,
+    anchor_labels (1, 0, -1, -2), anchor_sampled and anchor_matched_gt.
+    """
+    image = check_image(image)
+    scale = check_scale(scale)
+    (gt_boxes,) = target_arrays(targets, "gt_boxes")
+    crowd_boxes = boxes_array(targets.get("crowd_boxes"), "targets['crowd_boxes']")
+    anchors, labels, sampled, matched = target_arrays(targets, "anchors",
+                                                      ("anchor_labels", "anchor_sampled", "anchor_matched_gt"))
+    positive = labels == 1
+    negative = (labels == 0) & sampled.astype(bool)
+    owners = check_matches(matched, positive, gt_boxes.shape[0], "anchor_matched_gt")
+
+    def draw(ax):
+        show_image(ax, image)
+        for anchor in anchors[negative]:
+            draw_box(ax, anchor, FAINT, 0.75)
+        for box in crowd_boxes:
+            draw_box(ax, box, "white", 1.0, ":")
+        for anchor, owner in zip(anchors[positive], owners):
+            draw_box(ax, anchor, color(owner), 1.0, "--")
+        for index, box in enumerate(gt_boxes):
+            draw_box(ax, box, color(index), 1.5)
+
+    title = (f"RPN targets: {positive.sum()} positive (dashed), {negative.sum()} negative sampled (faint), "
+             f"{(labels == -1).sum()} ignored, {(labels == -2).sum()} in crowds")
+    return show(render(image.shape[0], image.shape[1], draw, scale, title, font_size), save_path)
+
+
+def sampled_rois(targets: dict):
+    """The sampled RoIs of a training_targets dict: rois [R, 4], foreground [R] bool, and of the F foreground
+    ones (in order) class_ids [F] and the indices of their ground-truth boxes [F]; gt_boxes [G, 4] and
+    gt_class_ids [G]."""
+    gt_boxes, gt_class_ids = target_arrays(targets, "gt_boxes", ("gt_class_ids",))
+    rois, class_ids, matched = target_arrays(targets, "rois", ("roi_class_ids", "roi_matched_gt"))
+    foreground = class_ids > 0
+    owners = check_matches(matched, foreground, gt_boxes.shape[0], "roi_matched_gt")
+    return rois, foreground, class_ids[foreground], owners, gt_boxes, gt_class_ids.astype(np.int64)
+
+
+def display_sampled_rois(image, targets: dict, class_names, scale=1, save_path=None, font_size=9):
+    """The RoIs sampled for the box and mask heads on one image: foreground RoIs in their class's colour,
+    background RoIs faint (thin, translucent white), and the class name at the corner of each ground-truth
+    box that has foreground RoIs.
+
+    targets: one dict of model.training_targets (image's own pixels): gt_boxes, gt_class_ids, rois,
+    roi_class_ids (0 = background) and roi_matched_gt.
+    """
+    image = check_image(image)
+    scale = check_scale(scale)
+    rois, foreground, class_ids, owners, gt_boxes, gt_class_ids = sampled_rois(targets)
+
+    def draw(ax):
+        show_image(ax, image)
+        for box in rois[~foreground]:
+            draw_box(ax, box, FAINT, 0.75)
+        for box, class_id in zip(rois[foreground], class_ids):
+            draw_box(ax, box, color(int(class_id)), 1.0)
+        for owner in np.unique(owners):
+            class_id = int(gt_class_ids[owner])
+            draw_label(ax, gt_boxes[owner][0], gt_boxes[owner][1], label_text(class_id, class_names), color(class_id),
+                       font_size)
+
+    title = f"sampled RoIs: {foreground.sum()} foreground (by class), {(~foreground).sum()} background (faint)"
+    return show(render(image.shape[0], image.shape[1], draw, scale, title, font_size), save_path)
+
+
+def roi_crop(picture: np.ndarray, box, size: int) -> np.ndarray:
+    """The pixels of `picture` ([H, W, ...]) nearest the centres of a size x size grid of bins over the box
+    (x1, y1, x2, y2): the region the box's mask target covers, resized to size x size."""
+    x1, y1, x2, y2 = np.asarray(box, np.float64)
+    centres = (np.arange(size) + 0.5) / size
+    rows = np.floor(y1 + centres * (y2 - y1)).astype(int).clip(0, picture.shape[0] - 1)
+    cols = np.floor(x1 + centres * (x2 - x1)).astype(int).clip(0, picture.shape[1] - 1)
+    return picture[rows][:, cols]
+
+
+def display_mask_targets(image, targets: dict, class_names, masks=None, columns=4, threshold=0.5, scale=4,
+                         save_path=None, font_size=8):
+    """The mask head's training targets: for each foreground RoI, the image inside it resized to M x M (nearest
+    pixel to each bin's centre) with its ground-truth object's mask blended in (half the pixel, half the class
+    colour), titled with the class; beside it the M x M mask target (viridis: dark 0, yellow 1, the
+    `threshold` contour in white). `columns` pairs to a row.
+
+    targets: one dict of model.training_targets: gt_boxes, gt_class_ids, rois, roi_class_ids, roi_matched_gt
+    and mask_targets [F, M, M] (F foreground RoIs, in their order among the rois). masks: the target's
+    masks [G, H, W] (what was given to training_targets), or None to show the image alone.
+    """
+    image = check_image(image)
+    scale = check_scale(scale)
+    if not isinstance(columns, (int, np.integer)) or columns < 1:
+        raise ValueError(f"columns must be a whole number >= 1; got {columns!r}")
+    rois, foreground, class_ids, owners, gt_boxes, _ = sampled_rois(targets)
+    boxes = rois[foreground]
+    require(targets, "mask_targets")
+    mask_targets = np.asarray(targets["mask_targets"], np.float32)
+    if mask_targets.ndim != 3 or mask_targets.shape[0] != len(boxes) or mask_targets.shape[1] != mask_targets.shape[2]:
+        raise ValueError(f"targets['mask_targets'] must be [F, M, M] with F = {len(boxes)} foreground rois; got "
+                         f"shape {mask_targets.shape}")
+    if masks is not None:
+        masks = np.asarray(masks).astype(bool)
+        if masks.shape != (gt_boxes.shape[0], *image.shape[:2]):
+            raise ValueError(f"masks must be [{gt_boxes.shape[0]}, {image.shape[0]}, {image.shape[1]}] (one per "
+                             f"targets['gt_boxes'], the image's size); got shape {masks.shape}")
+    size = mask_targets.shape[1]
+    if len(boxes) == 0:
+        blank = np.zeros((size, size, 3), np.uint8)
+        return show(render(size, size, lambda ax: show_image(ax, blank), scale, "no foreground RoIs", font_size),
+                    save_path)
+    panels = []
+    for box, class_id, owner, target in zip(boxes, class_ids, owners, mask_targets):
+        crop = roi_crop(image, box, size)
+        if masks is not None:
+            crop = blend_masks(crop, roi_crop(masks[owner], box, size)[None], [color(int(class_id))], 0.5)
+        panels.append(render(size, size, lambda ax, crop=crop: show_image(ax, crop), scale,
+                             label_text(int(class_id), class_names), font_size))
+        panels.append(render(size, size, lambda ax, target=target: draw_probabilities(ax, target, threshold), scale))
+    return show(compose(panels, 2 * columns), save_path)
 
 
 ############################################################
@@ -465,6 +638,163 @@ def plot_training_curves(log, save_path=None, width=1200, height=350):
 
 
 ############################################################
+#  Anchor coverage of a data set
+############################################################
+
+# COCOeval's object sizes (areaRng), by box area in the original image.
+SIZE_GROUPS = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, math.inf))
+
+
+def dataset_boxes(dataset):
+    """(image_id, height, width, boxes [G, 4] (x1, y1, x2, y2) in the image's pixels) for each image of a
+    CocoDataset, from its annotations alone (no pixels are read). Crowd regions are left out, as the RPN's
+    matcher leaves them out."""
+    for image_id in dataset.image_ids:
+        info = dataset.coco.imgs[image_id]
+        boxes = np.array([box for box, _ in dataset.objects[image_id]], np.float32).reshape(-1, 4)
+        yield image_id, info["height"], info["width"], boxes
+
+
+def network_input_size(height: int, width: int, min_size: int, config) -> tuple[int, int]:
+    """(h, w) of the image that model.preprocess makes: F.interpolate with scale_factor floors h * scale."""
+    import model
+
+    scale = model.resize_scale(height, width, min_size, config.IMAGE_MAX_DIM)
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def coverage_summary(entries: list[dict]) -> dict:
+    """count, mean and median best IoU, low_quality and no_positive (counts) of some of a report's boxes."""
+    ious = np.array([e["best_iou"] for e in entries], np.float64)
+    return {"count": len(entries), "mean_best_iou": float(ious.mean()) if entries else None,
+            "median_best_iou": float(np.median(ious)) if entries else None,
+            "low_quality": sum(e["low_quality"] for e in entries),
+            "no_positive": sum(e["positives"] == 0 for e in entries)}
+
+
+def anchor_coverage(samples, config) -> dict:
+    """How well the anchors fit a data set's ground-truth boxes, as training's RPN sees them.
+
+    samples: (image_id, height, width, boxes [G, 4] in the image's pixels) per image (dataset_boxes).
+    Each image is resized as training resizes it, once for each of IMAGE_MIN_DIM_TRAIN (model.resize_scale
+    with IMAGE_MAX_DIM), and its boxes are matched to the anchors of that input (model.anchors_for_input)
+    by the RPN's own Matcher (RPN_FG_IOU_THRESHOLD, RPN_BG_IOU_THRESHOLD, low-quality matches allowed).
+
+    Returns a JSON-ready dict: "settings"; "boxes", one entry per box and training size: image_id, box,
+    area (in the original image), size ("small" below 32^2, "medium" below 96^2, else "large", COCO's
+    ranges), min_size, best_iou (with any anchor), level (of the anchor with the best IoU; 0 = P2),
+    positives (anchors the matcher assigns to the box: 0 when its best anchors are taken by other boxes),
+    low_quality (best IoU below RPN_FG_IOU_THRESHOLD: only the low-quality rule can match it); and "groups":
+    coverage_summary of all boxes ("all"), of each size and of each level ("P2" ...).
+    """
+    import torch
+
+    import model
+
+    matcher = model.Matcher(config.RPN_FG_IOU_THRESHOLD, config.RPN_BG_IOU_THRESHOLD, True)
+    cache, entries = {}, []
+    for image_id, height, width, boxes in samples:
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        for min_size in config.IMAGE_MIN_DIM_TRAIN:
+            size = network_input_size(height, width, min_size, config)
+            if size not in cache:
+                cache[size] = model.anchors_for_input(*size, config)
+            anchors, levels = cache[size]
+            ratio = np.array([size[1] / width, size[0] / height] * 2, np.float32)  # per axis, as preprocess
+            iou = utils.box_iou(torch.from_numpy(boxes * ratio), anchors)  # (G, A)
+            matches = matcher(iou)
+            positives = torch.bincount(matches[matches >= 0], minlength=len(boxes))
+            best_iou, best = iou.max(dim=1)
+            for g in range(len(boxes)):
+                entries.append({
+                    "image_id": image_id, "box": boxes[g].tolist(), "area": float(areas[g]),
+                    "size": next(name for name, low, high in SIZE_GROUPS if low <= areas[g] < high),
+                    "min_size": min_size, "best_iou": float(best_iou[g]), "level": int(levels[best[g]]),
+                    "positives": int(positives[g]), "low_quality": bool(best_iou[g] < config.RPN_FG_IOU_THRESHOLD),
+                })
+    groups = {"all": coverage_summary(entries)}
+    groups.update({name: coverage_summary([e for e in entries if e["size"] == name]) for name, _, _ in SIZE_GROUPS})
+    groups.update({f"P{level + 2}": coverage_summary([e for e in entries if e["level"] == level])
+                   for level in range(len(config.ANCHOR_SIZES))})
+    settings = {"config": config.NAME, "IMAGE_MIN_DIM_TRAIN": list(config.IMAGE_MIN_DIM_TRAIN),
+                "IMAGE_MAX_DIM": config.IMAGE_MAX_DIM, "IMAGE_SIZE_DIVISOR": config.IMAGE_SIZE_DIVISOR,
+                "ANCHOR_SIZES": list(config.ANCHOR_SIZES), "ANCHOR_RATIOS": list(config.ANCHOR_RATIOS),
+                "RPN_FG_IOU_THRESHOLD": config.RPN_FG_IOU_THRESHOLD,
+                "RPN_BG_IOU_THRESHOLD": config.RPN_BG_IOU_THRESHOLD}
+    return {"settings": settings, "groups": groups, "boxes": entries}
+
+
+def coverage_table(report: dict) -> str:
+    """The report's groups as a text table, one line per group."""
+    threshold = report["settings"]["RPN_FG_IOU_THRESHOLD"]
+    lines = [f"{'group':8} {'boxes':>8} {'mean IoU':>9} {'median':>7} {f'IoU < {threshold}':>12} {'no positive':>12}"]
+    for name, group in report["groups"].items():
+        count = group["count"]
+        if count == 0:
+            lines.append(f"{name:8} {0:>8}")
+            continue
+        lines.append(f"{name:8} {count:>8} {group['mean_best_iou']:>9.3f} {group['median_best_iou']:>7.3f} "
+                     f"{group['low_quality']:>5} {group['low_quality'] / count:>5.1%} "
+                     f"{group['no_positive']:>5} {group['no_positive'] / count:>5.1%}")
+    return "\n".join(lines)
+
+
+def plot_anchor_coverage(report: dict, save_path=None, width=800, height=400, bins=20):
+    """A histogram of the best anchor IoU of the report's boxes, stacked by COCO size (small, medium, large),
+    in `bins` equal bins over [0, 1], with the RPN's thresholds as dashed lines. width x height pixels."""
+    figure = new_figure(width, height, save_path)
+    ax = figure.add_axes((0.08, 0.13, 0.9, 0.78))
+    edges = np.linspace(0, 1, bins + 1)
+    groups = [[e["best_iou"] for e in report["boxes"] if e["size"] == name] for name, _, _ in SIZE_GROUPS]
+    ax.hist(groups, bins=edges, stacked=True, label=[name for name, _, _ in SIZE_GROUPS],
+            color=[color(i + 1) for i in range(len(SIZE_GROUPS))])
+    settings = report["settings"]
+    for key in ("RPN_BG_IOU_THRESHOLD", "RPN_FG_IOU_THRESHOLD"):
+        ax.axvline(settings[key], color="black", linestyle="--", linewidth=1.0)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("best IoU with an anchor (dashed: the RPN's negative and positive thresholds)", fontsize=8)
+    ax.set_ylabel("ground-truth boxes", fontsize=8)
+    ax.set_title(f"anchor coverage: {len(report['boxes'])} boxes, anchors {settings['ANCHOR_SIZES']}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.tick_params(labelsize=7)
+    if save_path:
+        save(figure, save_path)
+    return figure
+
+
+def inspect_data(argv=None):
+    """python visualize.py --inspect-data --config NAME --data DIR --out DIR [--split SPLIT] [--set K=V ...]:
+    the anchor coverage of a data set, printed, in <out>/anchor_coverage.json and anchor_coverage.png."""
+    import json
+
+    from tqdm import tqdm
+
+    import coco
+    from config import named_config
+
+    parser = argparse.ArgumentParser(description="Anchor coverage of a data set: each ground-truth box's best "
+                                                 "anchor IoU as training resizes it, by object size and FPN level.")
+    parser.add_argument("--inspect-data", action="store_true", required=True)
+    parser.add_argument("--config", required=True, help="preset (coco, shapes, ...)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--data", required=True, help="data root with annotations/ and the image folders")
+    parser.add_argument("--split", help="default: the config's TRAIN_SPLIT")
+    parser.add_argument("--out", required=True, help="folder for anchor_coverage.json and anchor_coverage.png")
+    args = parser.parse_args(argv)
+    config = named_config(args.config).override(args.set)
+    dataset = coco.CocoDataset(args.data, args.split or config.TRAIN_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
+    report = anchor_coverage(tqdm(dataset_boxes(dataset), total=len(dataset), desc="images"), config)
+    os.makedirs(args.out, exist_ok=True)
+    utils.atomic_write(os.path.join(args.out, "anchor_coverage.json"),
+                       lambda f: json.dump(report, f, indent=1), mode="w")
+    plot_anchor_coverage(report, save_path=os.path.join(args.out, "anchor_coverage.png"))
+    print(coverage_table(report))
+    print(f"written to {os.path.join(args.out, 'anchor_coverage.json')} and anchor_coverage.png")
+    return report
+
+
+############################################################
 #  The pictures of `make demo`
 ############################################################
 
@@ -493,6 +823,19 @@ def stage_views(model, image, out, name, target=None, min_score=0.5, scale=3):
                        kept["scores"], scale=scale, save_path=paths["refinement"])
     display_mask_predictions(stages["mask_probs"][keep], kept["class_ids"], names, kept["scores"],
                              model.config.MASK_THRESHOLD, save_path=paths["masks"])
+    return paths
+
+
+def training_views(model, image, target, out, name, scale=3):
+    """Runs model.training_targets on one image and its target (as CocoDataset gives it) and writes
+    <out>/<name>_rpn_targets.png, <name>_sampled_rois.png and <name>_mask_targets.png (the masks at their own
+    default scale). Returns {view: path}."""
+    targets = model.training_targets([image], [target])[0]
+    names = model.config.CLASS_NAMES
+    paths = {view: os.path.join(out, f"{name}_{view}.png") for view in ("rpn_targets", "sampled_rois", "mask_targets")}
+    display_rpn_targets(image, targets, scale=scale, save_path=paths["rpn_targets"])
+    display_sampled_rois(image, targets, names, scale=scale, save_path=paths["sampled_rois"])
+    display_mask_targets(image, targets, names, target["masks"], save_path=paths["mask_targets"])
     return paths
 
 
@@ -531,6 +874,8 @@ def main(argv=None):
     from config import named_config
     from model import MaskRCNN
 
+    if "--inspect-data" in (sys.argv[1:] if argv is None else argv):
+        return inspect_data(argv)
     parser = argparse.ArgumentParser(description="Draw ground truth beside detections on validation images, "
                                                  "every stage view, and the training curves.")
     parser.add_argument("--weights", required=True, help="checkpoint written by train.py")
@@ -549,6 +894,7 @@ def main(argv=None):
     grid = draw_detections(model, dataset, args.out, args.count, args.scale, args.min_score)
     image, target = dataset_image(dataset, 0)
     stage_views(model, image, args.out, "val", target, args.min_score, args.scale)
+    training_views(model, image, target, args.out, "val", args.scale)
     stage_views(model, sample_image(), args.out, "coffee", None, args.min_score, 1)
     log = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "log.jsonl")
     if os.path.exists(log):

@@ -15,9 +15,10 @@ import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "demo.ipynb")
-# Pictures the notebook draws: curves, anchors, proposals, refinement, masks, comparison, 3 more
-# comparisons, the photo's detections, its proposals and its refinement.
-PICTURES = 12
+# Pictures the notebook draws: curves, anchors, proposals, refinement, masks, comparison, the three training
+# views (RPN targets, sampled RoIs, mask targets), 3 more comparisons, the photo's detections, its proposals
+# and its refinement.
+PICTURES = 15
 
 
 def code_cells(notebook):
