@@ -7,6 +7,10 @@ The file reads top to bottom in the order data flows through the network:
            -> pyramid RoIAlign -> box head -> class scores and boxes (post-processing, NMS per class)
            -> pyramid RoIAlign -> mask head -> 28x28 masks -> pasted into the image
 
+In training, anchors and proposals get their targets from one rule (assign_targets: match, then encode),
+are sampled (sample_balanced), and the losses are free functions (rpn_losses, fastrcnn_losses, mask_loss
+on mask_targets); MaskRCNN.training_targets returns those targets for a look at them.
+
 Parameter names follow torchvision's `maskrcnn_resnet50_fpn` module tree, so its checkpoints load
 without renaming, and with the same weights the outputs are the same (see tests/test_model.py).
 Conventions: boxes are [N, (x1, y1, x2, y2)] in absolute pixels with no "+1" in widths; images given
@@ -481,6 +485,9 @@ def inside_crowd(boxes: Tensor, target: dict, threshold: float) -> Tensor:
     return (inter / utils.box_area(boxes).clamp(min=1e-6)[:, None]).amax(dim=1) > threshold
 
 
+IGNORED = -1  # the label of predictions that no loss sees
+
+
 class AssignedTargets(NamedTuple):
     """What P predictions (anchors or proposals) should output, from one image's ground truth.
 
@@ -496,9 +503,6 @@ class AssignedTargets(NamedTuple):
     matched_gt: Tensor
     deltas: Tensor
     crowd: Tensor
-
-
-IGNORED = -1  # the label of predictions that no loss sees
 
 
 def assign_targets(boxes: Tensor, target: dict, matcher: Matcher, weights, crowd_threshold: float,
@@ -518,8 +522,8 @@ def assign_targets(boxes: Tensor, target: dict, matcher: Matcher, weights, crowd
     labels[matches == Matcher.BETWEEN] = IGNORED
     crowd = ~foreground & inside_crowd(boxes, target, crowd_threshold)
     labels[crowd] = IGNORED
-    # Encoded in the dtype arithmetic on the boxes gives (float32 ground truth against bfloat16 anchors
-    # under autocast stays float32).
+    # In the dtype the encoding computes in: float32 ground truth against bfloat16 anchors (autocast) stays
+    # float32, as the losses compare them.
     deltas = torch.zeros(boxes.shape[0], 4, dtype=torch.promote_types(gt.dtype, boxes.dtype), device=boxes.device)
     deltas[foreground] = encode_boxes(gt[matches[foreground]], boxes[foreground], weights)
     return AssignedTargets(labels, matched_gt, deltas, crowd)
@@ -893,7 +897,7 @@ class RoIHeads(nn.Module):
         self.matcher = Matcher(c.ROI_FG_IOU_THRESHOLD, c.ROI_BG_IOU_THRESHOLD, False)
 
     def forward(self, features, proposals, image_sizes, targets=None):
-        """Training (targets given): the losses. Inference: see `predict`."""
+        """Training mode: the losses (see `train_forward`). Eval mode: the detections (see `predict`)."""
         features = features[:4]  # P2-P5; P6 serves the RPN only
         if self.training:
             return self.train_forward(features, proposals, image_sizes, targets)
