@@ -7,6 +7,10 @@ The file reads top to bottom in the order data flows through the network:
            -> pyramid RoIAlign -> box head -> class scores and boxes (post-processing, NMS per class)
            -> pyramid RoIAlign -> mask head -> 28x28 masks -> pasted into the image
 
+In training, anchors and proposals get their targets from one rule (assign_targets: match, then encode),
+are sampled (sample_balanced), and the losses are free functions (rpn_losses, fastrcnn_losses, mask_loss
+on mask_targets); MaskRCNN.training_targets returns those targets for a look at them.
+
 Parameter names follow torchvision's `maskrcnn_resnet50_fpn` module tree, so its checkpoints load
 without renaming, and with the same weights the outputs are the same (see tests/test_model.py).
 Conventions: boxes are [N, (x1, y1, x2, y2)] in absolute pixels with no "+1" in widths; images given
@@ -18,7 +22,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -272,12 +276,14 @@ class ImageBatch:
     tensor: [N, 3, H, W], H and W multiples of the size divisor.
     image_sizes: [(h, w)] of each resized image before padding.
     original_sizes: [(h, w)] of each image as given.
+    scales: [float] the factor each image was resized by (its size is floor(original size * scale)).
     """
 
-    def __init__(self, tensor: Tensor, image_sizes, original_sizes):
+    def __init__(self, tensor: Tensor, image_sizes, original_sizes, scales):
         self.tensor = tensor
         self.image_sizes = image_sizes
         self.original_sizes = original_sizes
+        self.scales = scales
 
 
 def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
@@ -293,10 +299,11 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
     min_size = config.IMAGE_MIN_DIM if min_size is None else min_size
     mean = torch.tensor(config.PIXEL_MEAN, dtype=images[0].dtype, device=images[0].device)[:, None, None]
     std = torch.tensor(config.PIXEL_STD, dtype=images[0].dtype, device=images[0].device)[:, None, None]
-    resized, sizes, new_targets = [], [], []
+    resized, sizes, scales, new_targets = [], [], [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
         scale = resize_scale(h, w, min_size, config.IMAGE_MAX_DIM)
+        scales.append(scale)
         image = F.interpolate(
             ((image - mean) / std)[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
             align_corners=False,
@@ -321,7 +328,7 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
     for image, padded in zip(resized, batch):
         padded[:, : image.shape[1], : image.shape[2]].copy_(image)
     originals = [tuple(image.shape[-2:]) for image in images]
-    return ImageBatch(batch, sizes, originals), (new_targets if targets is not None else None)
+    return ImageBatch(batch, sizes, originals, scales), (new_targets if targets is not None else None)
 
 
 ############################################################
@@ -380,7 +387,7 @@ def anchors_for_input(height: int, width: int, config: Config) -> tuple[Tensor, 
 
 
 ############################################################
-#  Box coding, IoU, matching, sampling
+#  Box coding, matching, sampling, target assignment
 ############################################################
 
 BOX_DELTA_CLAMP = math.log(1000.0 / 16)  # the largest log-scale change of a box (Detectron)
@@ -464,9 +471,19 @@ class Matcher:
         return matches
 
 
-def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float):
-    """Random positives (label >= 1) and negatives (label 0) in proportion; -1 is ignored.
-    Returns (positive mask, negative mask)."""
+class BalancedSample(NamedTuple):
+    """The predictions chosen for a loss. positive, negative: [P] bool masks (disjoint)."""
+
+    positive: Tensor
+    negative: Tensor
+
+
+def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float) -> BalancedSample:
+    """Random positives (label >= 1) and negatives (label 0) in proportion; labels < 0 are ignored.
+
+    labels: [P] int. At most batch_size * positive_fraction positives; negatives fill the rest of
+    batch_size. Draws from torch's RNG (positives first, then negatives).
+    """
     positive = torch.where(labels >= 1)[0]
     negative = torch.where(labels == 0)[0]
     num_pos = min(positive.numel(), int(batch_size * positive_fraction))
@@ -477,7 +494,7 @@ def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float):
     neg_mask = torch.zeros_like(labels, dtype=torch.bool)
     pos_mask[pos_idx] = True
     neg_mask[neg_idx] = True
-    return pos_mask, neg_mask
+    return BalancedSample(pos_mask, neg_mask)
 
 
 def inside_crowd(boxes: Tensor, target: dict, threshold: float) -> Tensor:
@@ -488,6 +505,50 @@ def inside_crowd(boxes: Tensor, target: dict, threshold: float) -> Tensor:
         return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     inter = utils.box_intersection(boxes, crowd.to(boxes))
     return (inter / utils.box_area(boxes).clamp(min=1e-6)[:, None]).amax(dim=1) > threshold
+
+
+IGNORED = -1  # the label of predictions that no loss sees
+
+
+class AssignedTargets(NamedTuple):
+    """What P predictions (anchors or proposals) should output, from one image's ground truth.
+
+    labels: [P] int64: the class of the matched ground truth (1 for every object when classes are not
+        asked for, as in the RPN), 0 background, IGNORED (-1) between the IoU thresholds or background
+        inside a crowd region. The samplers read only these.
+    matched_gt: [P] int64 index into the ground truth for foreground predictions (labels >= 1), -1 otherwise.
+    deltas: [P, 4] regression targets (encode_boxes with the given weights), 0 where not foreground.
+    crowd: [P] bool, not foreground and inside a crowd region (labels IGNORED because of the crowd).
+    """
+
+    labels: Tensor
+    matched_gt: Tensor
+    deltas: Tensor
+    crowd: Tensor
+
+
+def assign_targets(boxes: Tensor, target: dict, matcher: Matcher, weights, crowd_threshold: float,
+                   with_classes: bool) -> AssignedTargets:
+    """Matches `boxes` [P, 4] to the target's ground truth ("boxes" [G, 4], "labels" [G], optional
+    "crowd_boxes" [C, 4], all in the pixels of `boxes`), then encodes the foreground's regression targets.
+    One rule for the RPN (anchors, with_classes=False) and the RoI heads (proposals, with_classes=True)."""
+    gt = target["boxes"]
+    matches = matcher(utils.box_iou(gt, boxes))
+    foreground = matches >= 0
+    matched_gt = torch.where(foreground, matches, -1)
+    labels = torch.zeros_like(matches)
+    if with_classes:
+        labels[foreground] = target["labels"][matches[foreground]].to(labels.dtype)
+    else:
+        labels[foreground] = 1
+    labels[matches == Matcher.BETWEEN] = IGNORED
+    crowd = ~foreground & inside_crowd(boxes, target, crowd_threshold)
+    labels[crowd] = IGNORED
+    # In the dtype the encoding computes in: float32 ground truth against bfloat16 anchors (autocast) stays
+    # float32, as the losses compare them.
+    deltas = torch.zeros(boxes.shape[0], 4, dtype=torch.promote_types(gt.dtype, boxes.dtype), device=boxes.device)
+    deltas[foreground] = encode_boxes(gt[matches[foreground]], boxes[foreground], weights)
+    return AssignedTargets(labels, matched_gt, deltas, crowd)
 
 
 ############################################################
@@ -521,8 +582,40 @@ class RPNHead(nn.Module):
         return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
 
 
+class Proposals(NamedTuple):
+    """One image's proposals, in the pixels of the resized image.
+
+    boxes: [K, 4] after NMS, best first; scores: [K] their objectness probabilities.
+    boxes_before_nms, scores_before_nms, levels_before_nms: [B, 4], [B], [B] int64 (FPN level, 0 = P2):
+        the top anchors of each level decoded, clipped, small and low-scoring ones dropped, before NMS.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    boxes_before_nms: Tensor
+    scores_before_nms: Tensor
+    levels_before_nms: Tensor
+
+
+class RPNOutput(NamedTuple):
+    """proposals: a Proposals per image. anchors: [A, 4] of the padded batch image, levels concatenated
+    (anchors_per_level: [A_level] counts). With targets (training): anchor_targets and anchor_samples, an
+    AssignedTargets and a BalancedSample per image, and losses (loss_objectness, loss_rpn_box_reg);
+    otherwise empty lists and an empty dict."""
+
+    proposals: list[Proposals]
+    anchors: Tensor
+    anchors_per_level: list[int]
+    anchor_targets: list[AssignedTargets]
+    anchor_samples: list[BalancedSample]
+    losses: dict
+
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # the RPN's deltas are not scaled (torchvision)
+
+
 class RPN(nn.Module):
-    """Anchors, RPN head, proposal selection and, in training, the RPN losses."""
+    """Anchors, RPN head, proposal selection and, with targets, the anchors' targets and the RPN losses."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -530,30 +623,33 @@ class RPN(nn.Module):
         self.head = RPNHead(config.FPN_CHANNELS, len(config.ANCHOR_RATIOS), config.RPN_CONVS)
         self.matcher = Matcher(config.RPN_FG_IOU_THRESHOLD, config.RPN_BG_IOU_THRESHOLD, True)
 
-    def forward(self, images: ImageBatch, features: list[Tensor], targets=None, record=None):
-        """Proposals [[Ki, 4]] per image and, in training, the RPN losses. `record` (inference views):
-        a list with a dict per image that receives the anchors and the proposals before and after NMS."""
+    def forward(self, images: ImageBatch, features: list[Tensor], targets: Optional[list[dict]] = None) -> RPNOutput:
+        """Proposals for every image. Targets (training: boxes, labels, optional crowd_boxes per image, in the
+        resized images' pixels) also select the RPN_*_TRAIN numbers of proposals and give the losses."""
         c = self.config
-        objectness, deltas = self.head(features)
-        anchors = generate_anchors(features, images.tensor.shape[-2:], c)
+        training = targets is not None
+        objectness, deltas = self.head(features)  # (N, A), (N, A, 4)
+        anchors = generate_anchors(features, images.tensor.shape[-2:], c)  # (A, 4)
         per_level = [f.shape[-2] * f.shape[-1] * len(c.ANCHOR_RATIOS) for f in features]
-        pre_nms = c.RPN_PRE_NMS_TOP_N_TRAIN if self.training else c.RPN_PRE_NMS_TOP_N_TEST
-        post_nms = c.RPN_POST_NMS_TOP_N_TRAIN if self.training else c.RPN_POST_NMS_TOP_N_TEST
+        pre_nms = c.RPN_PRE_NMS_TOP_N_TRAIN if training else c.RPN_PRE_NMS_TOP_N_TEST
+        post_nms = c.RPN_POST_NMS_TOP_N_TRAIN if training else c.RPN_POST_NMS_TOP_N_TEST
         proposals = self.select_proposals(objectness.detach(), deltas.detach(), anchors, per_level, images.image_sizes,
-                                          pre_nms, post_nms, record)
-        if record is not None:
-            strides = [images.tensor.shape[-1] // f.shape[-1] for f in features]
-            for r in record:
-                r.update(anchors=list(anchors.split(per_level)), anchor_strides=strides,
-                         anchor_sizes=list(c.ANCHOR_SIZES[: len(features)]))
-        losses = {}
-        if self.training:
-            losses = self.losses(objectness, deltas, anchors, targets)
-        return proposals, losses
+                                          pre_nms, post_nms)
+        if not training:
+            return RPNOutput(proposals, anchors, per_level, [], [], {})
+        assigned = [assign_targets(anchors, target, self.matcher, RPN_BOX_WEIGHTS, c.CROWD_IGNORE_THRESHOLD, False)
+                    for target in targets]
+        samples = [sample_balanced(a.labels, c.RPN_BATCH_SIZE_PER_IMAGE, c.RPN_POSITIVE_FRACTION) for a in assigned]
+        return RPNOutput(proposals, anchors, per_level, assigned, samples,
+                         rpn_losses(objectness, deltas, assigned, samples, c))
 
-    def select_proposals(self, objectness, deltas, anchors, per_level, image_sizes, pre_nms, post_nms, record=None):
+    def select_proposals(self, objectness, deltas, anchors, per_level, image_sizes, pre_nms,
+                         post_nms) -> list[Proposals]:
         """Top `pre_nms` anchors by objectness on each level, decoded, clipped, small ones dropped, NMS
-        within each level, then the best `post_nms` of the image. Returns [[Ki, 4]] per image."""
+        within each level, then the best `post_nms` of the image.
+
+        objectness: [N, A] logits; deltas: [N, A, 4]; anchors: [A, 4]; per_level: anchors per level.
+        """
         c = self.config
         top, levels = [], []
         offset = 0
@@ -562,46 +658,19 @@ class RPN(nn.Module):
             top.append(objectness[:, offset : offset + count].topk(k, dim=1).indices + offset)
             levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
             offset += count
-        top = torch.cat(top, dim=1)
+        top = torch.cat(top, dim=1)  # (N, sum of k)
         levels = torch.cat(levels)
         proposals = []
         for i, size in enumerate(image_sizes):
             idx = top[i]
-            boxes = decode_boxes(deltas[i, idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))[:, 0]
+            boxes = decode_boxes(deltas[i, idx], anchors[idx], RPN_BOX_WEIGHTS)[:, 0]
             boxes = clip_boxes(boxes, size)
             scores = torch.sigmoid(objectness[i, idx].float())
             keep = large_enough(boxes, c.RPN_MIN_SIZE) & (scores >= c.RPN_SCORE_THRESHOLD)
             boxes, scores, level = boxes[keep], scores[keep], levels[keep]
             keep = batched_nms(boxes, scores, level, c.RPN_NMS_THRESHOLD)[:post_nms]
-            proposals.append(boxes[keep])
-            if record is not None:
-                record[i].update(proposals_before_nms=boxes, proposal_scores_before_nms=scores,
-                                 proposal_levels_before_nms=level, proposals=boxes[keep], proposal_scores=scores[keep])
+            proposals.append(Proposals(boxes[keep], scores[keep], boxes, scores, level))
         return proposals
-
-    def losses(self, objectness, deltas, anchors, targets):
-        c = self.config
-        labels, reference = [], []
-        for target in targets:
-            gt = target["boxes"]
-            matches = self.matcher(utils.box_iou(gt, anchors))
-            label = (matches >= 0).to(objectness.dtype)
-            label[matches == Matcher.BETWEEN] = -1
-            label[(label == 0) & inside_crowd(anchors, target, c.CROWD_IGNORE_THRESHOLD)] = -1
-            labels.append(label)
-            reference.append(gt[matches.clamp(min=0)] if gt.shape[0] else torch.zeros_like(anchors))
-        pos, neg = zip(*(sample_balanced(lab, c.RPN_BATCH_SIZE_PER_IMAGE, c.RPN_POSITIVE_FRACTION) for lab in labels))
-        pos, neg = torch.stack(pos), torch.stack(neg)
-        labels = torch.stack(labels)
-        sampled = pos | neg
-        num_sampled = max(int(sampled.sum()), 1)
-        targets_delta = torch.stack([encode_boxes(r, anchors, (1.0, 1.0, 1.0, 1.0)) for r in reference])
-        box_loss = F.smooth_l1_loss(deltas[pos], targets_delta[pos], beta=c.SMOOTH_L1_BETA, reduction="sum")
-        if c.RPN_FOCAL_LOSS:
-            object_loss = sigmoid_focal_loss(objectness[sampled], labels[sampled], c.FOCAL_GAMMA, c.FOCAL_ALPHA)
-        else:
-            object_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
-        return {"loss_objectness": object_loss, "loss_rpn_box_reg": box_loss / num_sampled}
 
 
 ############################################################
@@ -746,9 +815,91 @@ def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float, alpha: Opti
     return loss.mean()
 
 
+def box_regression_loss(deltas: Tensor, target_deltas: Tensor, beta: float, normaliser: int) -> Tensor:
+    """Smooth L1 (Huber with `beta`) summed over [P, 4] deltas and divided by `normaliser`, the number of
+    sampled predictions (positives and negatives), as Faster R-CNN normalises its box losses."""
+    return F.smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="sum") / normaliser
+
+
+def rpn_losses(objectness: Tensor, deltas: Tensor, assigned: list[AssignedTargets], samples: list[BalancedSample],
+               config: Config) -> dict:
+    """loss_objectness (BCE, or focal with RPN_FOCAL_LOSS) over the sampled anchors and loss_rpn_box_reg over
+    the positive ones, both per sampled anchor of the batch.
+
+    objectness: [N, A] logits; deltas: [N, A, 4]; assigned, samples: per image, from assign_targets and
+    sample_balanced on the anchors.
+    """
+    c = config
+    pos = torch.stack([s.positive for s in samples])  # (N, A)
+    sampled = pos | torch.stack([s.negative for s in samples])  # (N, A)
+    labels = torch.stack([a.labels for a in assigned]).to(objectness.dtype)  # (N, A), 1 or 0 where sampled
+    target_deltas = torch.stack([a.deltas for a in assigned])  # (N, A, 4)
+    box_loss = box_regression_loss(deltas[pos], target_deltas[pos], c.SMOOTH_L1_BETA, max(int(sampled.sum()), 1))
+    if c.RPN_FOCAL_LOSS:
+        object_loss = sigmoid_focal_loss(objectness[sampled], labels[sampled], c.FOCAL_GAMMA, c.FOCAL_ALPHA)
+    else:
+        object_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
+    return {"loss_objectness": object_loss, "loss_rpn_box_reg": box_loss}
+
+
+def fastrcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, target_deltas: Tensor,
+                    config: Config) -> dict:
+    """loss_classifier (cross entropy, or focal with BOX_FOCAL_LOSS) over the sampled RoIs and loss_box_reg
+    over the foreground ones, with the deltas predicted for their own class, per sampled RoI.
+
+    class_logits: [R, K]; box_deltas: [R, K * 4]; labels: [R] int64 (0 background); target_deltas: [R, 4].
+    """
+    c = config
+    if c.BOX_FOCAL_LOSS:
+        class_loss = softmax_focal_loss(class_logits, labels, c.FOCAL_GAMMA, c.FOCAL_ALPHA)
+    else:
+        class_loss = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    deltas = box_deltas.reshape(labels.shape[0], -1, 4)[pos, labels[pos]]  # (R, K, 4) -> (F, 4)
+    box_loss = box_regression_loss(deltas, target_deltas[pos], c.SMOOTH_L1_BETA, labels.numel())
+    return {"loss_classifier": class_loss, "loss_box_reg": box_loss}
+
+
+def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_gt: Tensor, size: int, aligned: bool) -> Tensor:
+    """[F, size, size] float mask targets in [0, 1]: each ground-truth mask cropped to its RoI and resized
+    by our roi_align (as torchvision's project_masks_on_boxes).
+
+    gt_masks: [G, H, W] bool/uint8 in the pixels of `boxes`; boxes: [F, 4] RoIs; matched_gt: [F] index of
+    each RoI's ground truth.
+    """
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros((0, size, size))
+    rois = torch.cat([matched_gt[:, None].to(boxes.dtype), boxes], dim=1)  # (F, 5): ground truth index, box
+    # The masks are the "images" of the batch, so each RoI reads the mask of its own ground truth.
+    return roi_align(gt_masks[:, None].to(boxes.dtype), rois, size, 1.0, -1, aligned)[:, 0]
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Mean per-pixel BCE of each foreground RoI's mask for its own class.
+
+    mask_logits: [F, K, M, M]; labels: [F] int64 (1..K-1); targets: [F, M, M] in [0, 1].
+    """
+    logits = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]  # (F, M, M)
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
 ############################################################
 #  RoI heads: sampling, box and mask branches, post-processing
 ############################################################
+
+
+class RoISamples(NamedTuple):
+    """One image's RoIs sampled for the heads' losses, in the resized image's pixels.
+
+    boxes: [R, 4]; labels: [R] int64 (0 background); matched_gt: [R] int64 index into the ground truth
+    for foreground RoIs, -1 for background; deltas: [R, 4] box regression targets (BOX_CODER_WEIGHTS),
+    0 for background.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    matched_gt: Tensor
+    deltas: Tensor
 
 
 class RoIHeads(nn.Module):
@@ -767,86 +918,68 @@ class RoIHeads(nn.Module):
         self.mask_predictor = MaskPredictor(c.MASK_HEAD_CHANNELS, c.MASK_HEAD_CHANNELS, c.NUM_CLASSES)
         self.matcher = Matcher(c.ROI_FG_IOU_THRESHOLD, c.ROI_BG_IOU_THRESHOLD, False)
 
-    def forward(self, features, proposals, image_sizes, targets=None, record=None):
+    def forward(self, features, proposals, image_sizes, targets=None):
+        """Training mode: the losses (see `train_forward`). Eval mode: the detections (see `predict`)."""
         features = features[:4]  # P2-P5; P6 serves the RPN only
         if self.training:
             return self.train_forward(features, proposals, image_sizes, targets)
-        return self.detect(features, proposals, image_sizes, record)
+        return self.predict(features, proposals, image_sizes)
 
     # ---- training ----
-    def sample(self, proposals, targets):
-        """Adds the ground truth to the proposals, matches and samples them.
-        Returns per image (proposals, labels, matched ground-truth index)."""
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict]) -> list[RoISamples]:
+        """Per image: the ground truth added to the proposals [K, 4], targets assigned, then a balanced
+        sample of ROI_BATCH_SIZE_PER_IMAGE (in index order). Boxes in the resized images' pixels."""
         c = self.config
-        sampled = []
+        samples = []
         for boxes, target in zip(proposals, targets):
-            gt = target["boxes"]
-            boxes = torch.cat([boxes, gt.to(boxes.dtype)])
-            matches = self.matcher(utils.box_iou(gt, boxes))
-            labels = target["labels"][matches.clamp(min=0)] if gt.shape[0] else matches.new_zeros(matches.shape)
-            labels = labels.clone()
-            labels[matches == Matcher.BELOW_LOW] = 0
-            labels[matches == Matcher.BETWEEN] = -1
-            labels[(labels == 0) & inside_crowd(boxes, target, c.CROWD_IGNORE_THRESHOLD)] = -1
-            pos, neg = sample_balanced(labels, c.ROI_BATCH_SIZE_PER_IMAGE, c.ROI_POSITIVE_FRACTION)
-            keep = torch.where(pos | neg)[0]
-            sampled.append((boxes[keep], labels[keep], matches[keep].clamp(min=0)))
-        return sampled
+            boxes = torch.cat([boxes, target["boxes"].to(boxes.dtype)])
+            assigned = assign_targets(boxes, target, self.matcher, c.BOX_CODER_WEIGHTS, c.CROWD_IGNORE_THRESHOLD,
+                                      True)
+            sample = sample_balanced(assigned.labels, c.ROI_BATCH_SIZE_PER_IMAGE, c.ROI_POSITIVE_FRACTION)
+            keep = torch.where(sample.positive | sample.negative)[0]
+            samples.append(RoISamples(boxes[keep], assigned.labels[keep], assigned.matched_gt[keep],
+                                      assigned.deltas[keep]))
+        return samples
 
-    def train_forward(self, features, proposals, image_sizes, targets):
+    def foreground_mask_targets(self, samples: list[RoISamples], targets: list[dict]) -> list[Tensor]:
+        """Per image [F, MASK_SIZE, MASK_SIZE]: the mask targets of its foreground samples, in sample order."""
         c = self.config
-        sampled = self.sample(proposals, targets)
-        boxes = [s[0] for s in sampled]
-        labels = torch.cat([s[1] for s in sampled])
-        reference = torch.cat([
-            t["boxes"][s[2]] if t["boxes"].shape[0] else torch.zeros_like(s[0]) for s, t in zip(sampled, targets)
-        ])
-        class_logits, box_deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, boxes, image_sizes)))
-        if c.BOX_FOCAL_LOSS:
-            class_loss = softmax_focal_loss(class_logits, labels, c.FOCAL_GAMMA, c.FOCAL_ALPHA)
-        else:
-            class_loss = F.cross_entropy(class_logits, labels)
-        pos = torch.where(labels > 0)[0]
-        deltas = box_deltas.reshape(labels.shape[0], -1, 4)[pos, labels[pos]]
-        target_deltas = encode_boxes(reference[pos], torch.cat(boxes)[pos], c.BOX_CODER_WEIGHTS)
-        box_loss = F.smooth_l1_loss(deltas, target_deltas, beta=c.SMOOTH_L1_BETA, reduction="sum") / labels.numel()
-        losses = {"loss_classifier": class_loss, "loss_box_reg": box_loss}
-        # Mask branch on the positives only; targets are the ground-truth masks cropped by RoIAlign.
-        positive_boxes, mask_targets, positive_labels = [], [], []
-        for i, (b, lab, m) in enumerate(sampled):
-            keep = lab > 0
-            positive_boxes.append(b[keep])
-            positive_labels.append(lab[keep])
-            rois = torch.cat([m[keep, None].to(b.dtype), b[keep]], dim=1)
-            gt_masks = targets[i]["masks"][:, None].to(b.dtype)
-            mask_targets.append(roi_align(gt_masks, rois, c.MASK_SIZE, 1.0, -1, c.POOL_ALIGNED)[:, 0]
-                                if rois.shape[0] else b.new_zeros((0, c.MASK_SIZE, c.MASK_SIZE)))
-        positive_labels = torch.cat(positive_labels)
-        if positive_labels.numel() == 0:
+        return [mask_targets(t["masks"], s.boxes[s.labels > 0], s.matched_gt[s.labels > 0], c.MASK_SIZE,
+                             c.POOL_ALIGNED) for s, t in zip(samples, targets)]
+
+    def train_forward(self, features, proposals, image_sizes, targets) -> dict:
+        """The box and mask losses on a sample of the proposals (plus the ground truth) of each image."""
+        samples = self.select_training_samples(proposals, targets)
+        labels = torch.cat([s.labels for s in samples])
+        pooled = self.box_roi_pool(features, [s.boxes for s in samples], image_sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        losses = fastrcnn_losses(class_logits, box_deltas, labels, torch.cat([s.deltas for s in samples]), self.config)
+        # Mask branch on the foreground only.
+        foreground_labels = labels[labels > 0]
+        if foreground_labels.numel() == 0:
             # Keeps every mask parameter in the graph (zero gradient), which DDP needs.
             mask_parameters = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
             losses["loss_mask"] = sum(p.sum() for p in mask_parameters) * 0
             return losses
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, positive_boxes, image_sizes)))
-        mask_logits = mask_logits[torch.arange(positive_labels.numel(), device=labels.device), positive_labels]
-        losses["loss_mask"] = F.binary_cross_entropy_with_logits(mask_logits, torch.cat(mask_targets))
+        foreground_boxes = [s.boxes[s.labels > 0] for s in samples]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, foreground_boxes, image_sizes)))
+        foreground_masks = torch.cat(self.foreground_mask_targets(samples, targets))
+        losses["loss_mask"] = mask_loss(mask_logits, foreground_labels, foreground_masks)
         return losses
 
     # ---- inference ----
-    def detect(self, features, proposals, image_sizes, record=None):
-        """Per image boxes, scores, labels and [D, 1, M, M] mask probabilities. `record` (inference views):
-        a dict per image that receives, for each detection, the proposal it was refined from."""
+    def predict(self, features, proposals, image_sizes) -> list[dict]:
+        """Detections per image, in the resized image's pixels: boxes [D, 4], scores [D], labels [D],
+        masks [D, 1, M, M] (the predicted class's mask probabilities) and proposal_index [D] (the row of
+        `proposals` each detection was refined from)."""
         c = self.config
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
-        boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)
+        boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)  # (sum K, classes, 4)
         scores = F.softmax(class_logits.float(), -1)
-        results = []
-        for i, (boxes_i, scores_i, size) in enumerate(zip(boxes.split([len(p) for p in proposals]),
-                                                          scores.split([len(p) for p in proposals]), image_sizes)):
-            results.append(self.postprocess_detections(boxes_i, scores_i, size, with_source=record is not None))
-            if record is not None:
-                record[i]["detection_proposals"] = proposals[i][results[-1].pop("source")]
+        counts = [len(p) for p in proposals]
+        results = [self.postprocess_detections(b, s, size)
+                   for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)]
         mask_boxes = [r["boxes"] for r in results]
         if sum(len(b) for b in mask_boxes) == 0:
             for r in results:
@@ -859,12 +992,15 @@ class RoIHeads(nn.Module):
             r["masks"] = p
         return results
 
-    def postprocess_detections(self, boxes, scores, size, with_source=False):
+    def postprocess_detections(self, boxes, scores, size) -> dict:
         """Per class: clip, drop background, low scores and tiny boxes, NMS per class, keep the best.
-        with_source adds "source": the index of the proposal each detection was refined from."""
+
+        boxes: [K, classes, 4] decoded per class; scores: [K, classes] softmax. Returns boxes [D, 4], scores,
+        labels and proposal_index [D] (the row of `boxes` each detection comes from).
+        """
         c = self.config
         num_classes = scores.shape[1]
-        boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)
+        boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)  # (K * (classes - 1), 4)
         labels = torch.arange(1, num_classes, device=scores.device).repeat(scores.shape[0])
         scores = scores[:, 1:].reshape(-1)
         kept = torch.where(scores > c.DETECTION_MIN_CONFIDENCE)[0]
@@ -872,10 +1008,8 @@ class RoIHeads(nn.Module):
         keep = torch.where(large_enough(boxes, c.DETECTION_MIN_SIZE))[0]
         boxes, scores, labels, kept = boxes[keep], scores[keep], labels[keep], kept[keep]
         keep = batched_nms(boxes, scores, labels, c.DETECTION_NMS_THRESHOLD)[: c.DETECTION_MAX_INSTANCES]
-        result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-        if with_source:
-            result["source"] = kept[keep] // (num_classes - 1)  # rows of (proposal, class) pairs
-        return result
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                "proposal_index": kept[keep] // (num_classes - 1)}  # rows of (proposal, class) pairs
 
 
 ############################################################
@@ -933,12 +1067,20 @@ def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, 
 
 
 def to_numpy(value):
-    """Tensors (and lists of them) as numpy arrays, floating point ones as float32."""
+    """Tensors (and lists and dicts of them) as numpy arrays, floating point ones as float32."""
     if isinstance(value, list):
         return [to_numpy(v) for v in value]
+    if isinstance(value, dict):
+        return {key: to_numpy(v) for key, v in value.items()}
     if not torch.is_tensor(value):
         return value
     return (value.float() if value.is_floating_point() else value).cpu().numpy()
+
+
+def to_original_pixels(size, original, device) -> Tensor:
+    """[4] factors (sx, sy, sx, sy) that take (x1, y1, x2, y2) boxes from a resized image of `size` (h, w)
+    back to the `original` (h, w) image."""
+    return torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=device)
 
 
 class MaskRCNN(nn.Module):
@@ -967,40 +1109,69 @@ class MaskRCNN(nn.Module):
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
         check_images(images)
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode (call model.eval() for inference)")
-            check_targets(targets, images, self.config.NUM_CLASSES)
-            min_size = self.config.IMAGE_MIN_DIM_TRAIN[int(torch.randint(len(self.config.IMAGE_MIN_DIM_TRAIN), ()))]
-            batch, targets = preprocess(images, self.config, targets, min_size)
-            features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
-            proposals, rpn_losses = self.rpn(batch, features, targets)
-            return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
-        return self.infer(images)
+        if not self.training:
+            return self.infer(images)
+        if targets is None:
+            raise ValueError("targets are required in training mode (call model.eval() for inference)")
+        check_targets(targets, images, self.config.NUM_CLASSES)
+        batch, targets, features = self.training_batch(images, targets)
+        rpn = self.rpn(batch, features, targets)
+        return {**rpn.losses, **self.roi_heads(features, [p.boxes for p in rpn.proposals], batch.image_sizes, targets)}
 
-    def infer(self, images: list[Tensor], record: Optional[list[dict]] = None) -> list[dict]:
-        """Inference on [3, H, W] tensors (what forward does in eval mode). With `record`, a list of one
-        empty dict per image, also fills each dict with what the stages computed, in the image's own
-        pixels: anchors (a [A, 4] tensor per FPN level) with anchor_strides and anchor_sizes (in the
-        resized image the network saw, resize_scale (sy, sx) times the image), proposals_before_nms with
+    def training_batch(self, images: list[Tensor], targets: list[dict]):
+        """Images and targets resized at a training scale drawn from IMAGE_MIN_DIM_TRAIN (torch's RNG), and
+        the backbone's features. Returns (ImageBatch, targets in the resized pixels, [P2..P6])."""
+        min_size = self.config.IMAGE_MIN_DIM_TRAIN[int(torch.randint(len(self.config.IMAGE_MIN_DIM_TRAIN), ()))]
+        batch, targets = preprocess(images, self.config, targets, min_size)
+        return batch, targets, self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
+
+    def infer(self, images: list[Tensor], return_intermediates: bool = False) -> list[dict]:
+        """Inference on [3, H, W] tensors (what forward does in eval mode): per image boxes [D, 4], labels,
+        scores and masks [D, 1, H, W] (probabilities) in the image's own pixels.
+
+        return_intermediates adds to each result "intermediates", a dict of what the stages computed, in the
+        image's own pixels: anchors (a [A, 4] tensor per FPN level) with anchor_strides and anchor_sizes (in
+        the resized image the network saw, resize_scale (sy, sx) times the image), proposals_before_nms with
         proposal_scores_before_nms and proposal_levels_before_nms, proposals (after NMS) with
-        proposal_scores, and per detection detection_proposals (the proposal its box was refined
-        from) and mask_probs [D, M, M] (the predicted class's mask before pasting)."""
-        batch, _ = preprocess(images, self.config)
+        proposal_scores, and per detection detection_proposals (the proposal its box was refined from) and
+        mask_probs [D, M, M] (the predicted class's mask before pasting).
+        """
+        c = self.config
+        batch, _ = preprocess(images, c)
         features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
-        proposals, _ = self.rpn(batch, features, record=record)
-        results = self.roi_heads(features, proposals, batch.image_sizes, record=record)
-        for i, (result, size, original) in enumerate(zip(results, batch.image_sizes, batch.original_sizes)):
-            ratio = torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=result["boxes"].device)
+        rpn = self.rpn(batch, features)
+        results = self.roi_heads(features, [p.boxes for p in rpn.proposals], batch.image_sizes)
+        for result, proposals, size, original in zip(results, rpn.proposals, batch.image_sizes, batch.original_sizes):
+            ratio = to_original_pixels(size, original, result["boxes"].device)
+            proposal_index = result.pop("proposal_index")
             result["boxes"] = result["boxes"] * ratio.to(result["boxes"].dtype)
-            if record is not None:
-                to_original = {key: value * ratio.to(value.dtype) for key, value in record[i].items()
-                               if key in ("proposals_before_nms", "proposals", "detection_proposals")}
-                record[i].update(to_original, anchors=[a * ratio.to(a.dtype) for a in record[i]["anchors"]],
-                                 mask_probs=result["masks"][:, 0], resize_scale=(size[0] / original[0],
-                                                                                 size[1] / original[1]))
+            if return_intermediates:
+                result["intermediates"] = {
+                    "anchors": [a * ratio.to(a.dtype) for a in rpn.anchors.split(rpn.anchors_per_level)],
+                    "anchor_strides": [batch.tensor.shape[-1] // f.shape[-1] for f in features],
+                    "anchor_sizes": list(c.ANCHOR_SIZES[: len(features)]),
+                    "proposals_before_nms": proposals.boxes_before_nms * ratio,
+                    "proposal_scores_before_nms": proposals.scores_before_nms,
+                    "proposal_levels_before_nms": proposals.levels_before_nms,
+                    "proposals": proposals.boxes * ratio,
+                    "proposal_scores": proposals.scores,
+                    "detection_proposals": proposals.boxes[proposal_index] * ratio,
+                    "mask_probs": result["masks"][:, 0],
+                    "resize_scale": (size[0] / original[0], size[1] / original[1]),
+                }
             result["masks"] = paste_masks(result["masks"], result["boxes"], original)
         return results
+
+    def as_tensors(self, images) -> list[Tensor]:
+        """numpy HxWx3 uint8 RGB images or paths as [3, H, W] float tensors in [0, 1] on the model's device."""
+        if not isinstance(images, (list, tuple)):
+            raise ValueError("expected a list of images (HxWx3 uint8 arrays or paths); got "
+                             f"{type(images).__name__}")
+        device = next(self.parameters()).device
+        tensors = [utils.image_to_tensor(utils.load_image(im) if isinstance(im, (str, os.PathLike)) else im)
+                   for im in images]
+        check_images(tensors)
+        return [t.to(device) for t in tensors]
 
     @torch.no_grad()
     def detect(self, images, return_intermediates: bool = False) -> list[dict]:
@@ -1009,28 +1180,84 @@ class MaskRCNN(nn.Module):
         return_intermediates=True adds to each result "intermediates", a dict of numpy arrays in the
         image's own pixels, for the stage views of visualize.py (see `infer` for the keys).
         """
-        if not isinstance(images, (list, tuple)):
-            raise ValueError("detect expects a list of images (HxWx3 uint8 arrays or paths)")
+        tensors = self.as_tensors(images)
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
-        tensors = [utils.image_to_tensor(utils.load_image(im) if isinstance(im, (str, os.PathLike)) else im)
-                   for im in images]
-        check_images(tensors)
-        record = [{} for _ in tensors] if return_intermediates else None
-        outputs = self.infer([t.to(device) for t in tensors], record)
+        outputs = self.infer(tensors, return_intermediates)
         self.train(was_training)
-        results = [
-            {
+        results = []
+        for o in outputs:
+            result = {
                 "boxes": o["boxes"].float().cpu().numpy(),
                 "class_ids": o["labels"].cpu().numpy().astype(np.int64),
                 "scores": o["scores"].float().cpu().numpy(),
                 "masks": (o["masks"][:, 0] > self.config.MASK_THRESHOLD).cpu().numpy(),
             }
-            for o in outputs
-        ]
-        for result, stages in zip(results, record or []):
-            result["intermediates"] = {key: to_numpy(value) for key, value in stages.items()}
+            if return_intermediates:
+                result["intermediates"] = to_numpy(o["intermediates"])
+            results.append(result)
+        return results
+
+    @torch.no_grad()
+    def training_targets(self, images, targets: list[dict]) -> list[dict]:
+        """What training asks of the network for each image: the anchors' and the sampled RoIs' targets.
+
+        images: like detect(). targets: per image boxes [G, 4] (x1, y1, x2, y2) in the image's pixels,
+        labels [G] (1..NUM_CLASSES-1), masks [G, H, W] bool/uint8, optional crowd_boxes [C, 4] (numpy or
+        tensors). Runs the training step's own resize, target assignment and sampling (drawing from torch's
+        RNG as training does) with the layers in eval mode, without gradients. Returns per image a dict of
+        numpy arrays, boxes in the image's own pixels:
+            resize_scale: float, the network's input is the image resized by this factor;
+            gt_boxes [G, 4] float32, gt_class_ids [G] int64, crowd_boxes [C, 4] float32: the targets;
+            anchors [A, 4] float32 (every level, concatenated) and anchor_levels [A] int64 (0 = P2);
+            anchor_labels [A] int8: 1 positive, 0 negative, -1 ignored (IoU between the thresholds),
+                -2 ignored because inside a crowd region;
+            anchor_sampled [A] bool: chosen for the RPN loss; anchor_matched_gt [A] int64 (-1 if not positive);
+            anchor_deltas [A, 4] float32: RPN regression targets, 0 where not positive;
+            rois [R, 4] float32: the proposals (and ground truth) sampled for the heads, in training's order;
+            roi_class_ids [R] int64 (0 background), roi_matched_gt [R] int64 (-1 background);
+            roi_deltas [R, 4] float32: box regression targets (BOX_CODER_WEIGHTS), 0 for background;
+            mask_targets [F, MASK_SIZE, MASK_SIZE] float32 in [0, 1]: of the F foreground rois, in order.
+        """
+        tensors = self.as_tensors(images)
+        if not isinstance(targets, (list, tuple)) or len(targets) != len(tensors):
+            raise ValueError(f"targets must be a list of one dict per image ({len(tensors)}); got "
+                             f"{len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__}")
+        targets = [target_tensors(t, i, tensors[0].device) for i, t in enumerate(targets)]
+        check_targets(targets, tensors, self.config.NUM_CLASSES)
+        was_training = self.training
+        self.eval()
+        try:
+            batch, resized, features = self.training_batch(tensors, targets)
+            rpn = self.rpn(batch, features, resized)  # the same assignment and sampling as training
+            samples = self.roi_heads.select_training_samples([p.boxes for p in rpn.proposals], resized)
+            masks = self.roi_heads.foreground_mask_targets(samples, resized)
+        finally:
+            self.train(was_training)
+        levels = torch.repeat_interleave(torch.arange(len(rpn.anchors_per_level)), torch.tensor(rpn.anchors_per_level))
+        results = []
+        for i, (target, size, original) in enumerate(zip(targets, batch.image_sizes, batch.original_sizes)):
+            ratio = to_original_pixels(size, original, rpn.anchors.device)
+            assigned, sample, rois = rpn.anchor_targets[i], rpn.anchor_samples[i], samples[i]
+            anchor_labels = assigned.labels.to(torch.int8)  # 1, 0 or IGNORED
+            anchor_labels[assigned.crowd] = -2
+            results.append(to_numpy({
+                "resize_scale": batch.scales[i],
+                "gt_boxes": target["boxes"],
+                "gt_class_ids": target["labels"],
+                "crowd_boxes": target.get("crowd_boxes", target["boxes"].new_zeros((0, 4))),
+                "anchors": rpn.anchors * ratio.to(rpn.anchors.dtype),
+                "anchor_levels": levels,
+                "anchor_labels": anchor_labels,
+                "anchor_sampled": sample.positive | sample.negative,
+                "anchor_matched_gt": assigned.matched_gt,
+                "anchor_deltas": assigned.deltas,
+                "rois": rois.boxes * ratio,
+                "roi_class_ids": rois.labels,
+                "roi_matched_gt": rois.matched_gt,
+                "roi_deltas": rois.deltas,
+                "mask_targets": masks[i],
+            }))
         return results
 
     def load_weights(self, source, exclude=()):
@@ -1145,6 +1372,19 @@ def check_images(images):
             raise ValueError(f"images[{i}] must be floating point in [0, 1]; got {image.dtype}")
         if image.shape[1] < 1 or image.shape[2] < 1:
             raise ValueError(f"images[{i}] is empty: shape {list(image.shape)}")
+        if not bool(torch.isfinite(image).all()):
+            nan, inf = int(torch.isnan(image).sum()), int(torch.isinf(image).sum())
+            raise ValueError(f"images[{i}] has {nan} NaN and {inf} infinite values; images must be finite, "
+                             "in [0, 1]")
+
+
+def target_tensors(target, index: int, device) -> dict:
+    """A target of numpy arrays or tensors (boxes, labels, masks, optional crowd_boxes) as tensors on
+    `device`: boxes float32, labels int64, masks uint8. Shapes and values are checked by check_targets."""
+    if not isinstance(target, dict):
+        raise ValueError(f"targets[{index}] must be a dict with boxes, labels and masks; got {type(target).__name__}")
+    dtypes = {"boxes": torch.float32, "crowd_boxes": torch.float32, "labels": torch.int64, "masks": torch.uint8}
+    return {key: torch.as_tensor(value).to(device, dtypes[key]) for key, value in target.items() if key in dtypes}
 
 
 def check_targets(targets, images, num_classes):
