@@ -34,6 +34,15 @@ def _check_boxes_and_scores(boxes: torch.Tensor, scores: torch.Tensor, op: str) 
         raise ValueError(f"{op}: scores must be on the device of boxes ({boxes.device}); got {scores.device}")
 
 
+def _no_boxes(boxes) -> bool:
+    # As torchvision's ops: no boxes at all (any empty tensor) keep nothing, whatever the other arguments.
+    return isinstance(boxes, torch.Tensor) and boxes.numel() == 0
+
+
+def _empty_keep(boxes: torch.Tensor) -> torch.Tensor:
+    return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression.
 
@@ -43,8 +52,11 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         iou_threshold: a box is dropped when its IoU with a kept, higher-scoring box is > this.
 
     Returns:
-        keep: [K] int64 indices into `boxes`, by decreasing score (ties in input order).
+        keep: [K] int64 indices into `boxes`, by decreasing score (ties in input order); empty, with no
+        further checks, when `boxes` is an empty tensor (as torchvision's).
     """
+    if _no_boxes(boxes):
+        return _empty_keep(boxes)
     _check_boxes_and_scores(boxes, scores, "nms")
     return torch.ops.maskrcnn.nms(boxes, scores, float(iou_threshold))
 
@@ -64,8 +76,11 @@ def batched_nms(
         iou_threshold: as in `nms`.
 
     Returns:
-        keep: [K] int64 indices into `boxes`, by decreasing score over all groups (ties in input order).
+        keep: [K] int64 indices into `boxes`, by decreasing score over all groups (ties in input order);
+        empty, with no further checks, when `boxes` is an empty tensor (as torchvision's).
     """
+    if _no_boxes(boxes):
+        return _empty_keep(boxes)
     _check_boxes_and_scores(boxes, scores, "batched_nms")
     if not isinstance(idxs, torch.Tensor) or idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
         shape = list(idxs.shape) if isinstance(idxs, torch.Tensor) else type(idxs).__name__

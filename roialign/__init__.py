@@ -74,6 +74,9 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float) -> None:
             )
 
 
+# A leaf for torch.fx: symbolic tracing (feature extraction, quantization tooling) records the call
+# instead of tracing into the argument checks, which read tensor values.
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
     rois: RoIs,

@@ -203,6 +203,16 @@ def test_nms_empty(dtype):
     assert keep.dtype == torch.int64 and keep.shape == (0,)
 
 
+def test_no_boxes_keep_nothing_without_further_checks_as_torchvision():
+    # torchvision's batched_nms returns an empty int64 tensor for any empty `boxes`, before looking at the
+    # other arguments (its own test passes None for them); code written against it does the same to ours.
+    for boxes in (torch.empty(0), torch.empty((0,), dtype=torch.int64), torch.empty(0, 5)):
+        expected = torchvision.ops.batched_nms(boxes, None, None, None)
+        for keep in (nms.batched_nms(boxes, None, None, None), nms.nms(boxes, None, None)):
+            assert keep.dtype == expected.dtype == torch.int64 and keep.shape == expected.shape == (0,)
+            assert keep.device == boxes.device
+
+
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_nms_one_box(threshold):
     boxes = torch.tensor([[1.0, 2.0, 3.0, 5.0]])

@@ -432,6 +432,34 @@ def test_cpu_low_precision(dtype):
 # torch.compile and torch.library.opcheck
 
 
+class _PoolTwice(torch.nn.Module):
+    """A module using the RoIAlign module and the function, as feature-extraction tooling sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = roialign.RoIAlign((3, 3), 0.5, 2, True)
+
+    def forward(self, features, rois):
+        return self.pool(features, rois) + roialign.roi_align(features, rois, 3, 0.5, 2, True)
+
+
+def test_fx_symbolic_trace_keeps_roi_align_a_leaf():
+    # As torchvision's roi_align (fx-wrapped), ours is recorded as one call and not traced into: its
+    # argument checks read tensor values, which a symbolic trace cannot.
+    torch.manual_seed(504)
+    module = _PoolTwice()
+    traced = torch.fx.symbolic_trace(module)
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert calls.count(roialign.roi_align) == 2
+    x = torch.randn(2, 4, 10, 12)
+    rois = random_rois(9, 2, 10, 12, 0.5)
+    assert torch.equal(traced(x, rois), module(x, rois))
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    extractor = create_feature_extractor(module, return_nodes={"pool": "pooled"})
+    assert torch.equal(extractor(x, rois)["pooled"], module.pool(x, rois))
+
+
 def test_torch_compile_forward_matches_eager():
     torch.manual_seed(500)
     x = torch.randn(2, 4, 24, 24)
