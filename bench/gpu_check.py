@@ -31,7 +31,8 @@ Steps, in order:
                    image, images/s, peak memory, agreement with float32
   speed_training   training images/s at batch 8, AMP float16 and bfloat16, against torchvision's
                    MaskRCNN (frozen BN, same weights, same synthetic images and targets), peak memory
-  converge         `train.py --config shapes` for 400 steps on the device, then COCO evaluation: AP, s/iter
+  converge         `train.py --config shapes` for 400 steps on the device (1,000 training images), then
+                   COCO evaluation on 100: AP, s/iter
 
 Python packages needed beyond torch and torchvision: numpy, pillow, pycocotools, scikit-image, scipy,
 tqdm, matplotlib, pytest and ninja (see NEEDED). The GPU machine's image has all but pycocotools:
@@ -72,14 +73,14 @@ FULL = SimpleNamespace(
     roi_counts=(0, 1, 150), determinism_rois=400, gradcheck_map=(1, 2, 6, 7),
     speed_kernels=dict(nms_sizes=(1000, 5000, 20000), batched_sizes=(5000, 20000), roi_counts=(1000, 4000),
                        feature_shape=(2, 256, 200, 336)),
-    repeats=20, warmup=3, image=(800, 1333), model_image=(800, 1066), inference_batches=(1, 8),
-    train_batch=8, train_steps=6, converge_iters=400, converge_data=(2000, 200, 128), budget=480,
+    repeats=20, inference_repeats=10, warmup=3, image=(800, 1333), model_image=(800, 1066), inference_batches=(1, 8),
+    train_batch=8, train_steps=6, converge_iters=400, converge_data=(1000, 100, 128), budget=480,
 )  # fmt: skip
 QUICK = SimpleNamespace(
     nms_sizes=(0, 1, 300), batched_sizes=(0, 1, 300), roi_map=(2, 3, 12, 14), roi_counts=(0, 1, 20),
     determinism_rois=40, gradcheck_map=(1, 2, 5, 6),
     speed_kernels=dict(nms_sizes=(300,), batched_sizes=(300,), roi_counts=(40,), feature_shape=(1, 8, 24, 32)),
-    repeats=1, warmup=1, image=(64, 96), model_image=(64, 96), inference_batches=(1,),
+    repeats=1, inference_repeats=1, warmup=1, image=(64, 96), model_image=(64, 96), inference_batches=(1,),
     train_batch=1, train_steps=1, converge_iters=2, converge_data=(6, 4, 64), budget=math.inf,
 )  # fmt: skip
 
@@ -550,7 +551,7 @@ def step_sanitizer(ctx):
                    sys.executable, os.path.abspath(__file__), "--kernels-once", "--device", str(ctx.device)]
         try:
             result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                    timeout=min(180, ctx.time_left() or 180))
+                                    timeout=min(90, ctx.time_left() or 90))
         except subprocess.TimeoutExpired:
             rows.append({"case": check, "ok": True, "detail": "timed out: not checked"})
             continue
@@ -612,7 +613,7 @@ def step_speed_inference(ctx):
                     ):
                         return net(images)
 
-                seconds = median_seconds(run, ctx.device, ctx.sizes.repeats, ctx.sizes.warmup)
+                seconds = median_seconds(run, ctx.device, ctx.sizes.inference_repeats, ctx.sizes.warmup)
                 row[f"{who} ms/img"] = seconds * 1000 / batch
                 row[f"{who} img/s"] = batch / seconds
                 row[f"{who} peak MB"] = bench_inference.peak_memory_mb(run, ctx.device)
