@@ -257,9 +257,9 @@ def annotation_faults(ann: dict, height: int, width: int) -> list[tuple[str, str
     (code, message, level) for check_annotations."""
     faults = []
     bbox = ann.get("bbox")
-    numbers = isinstance(bbox, list) and len(bbox) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-    if not numbers:
+    # A NaN or an infinity makes the sum non-finite.
+    numbers = isinstance(bbox, list) and len(bbox) == 4 and set(map(type, bbox)) <= {int, float}
+    if not numbers or not math.isfinite(sum(bbox)):
         faults.append(("bad-bbox", f"needs 'bbox' as [x, y, width, height], 4 finite numbers; got {bbox!r}", "error"))
     else:
         x, y, w, h = bbox

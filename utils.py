@@ -1,6 +1,7 @@
 """Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
 
 import json
+import math
 import numbers
 import os
 import urllib.error
@@ -86,27 +87,42 @@ def image_to_tensor(image: np.ndarray) -> Tensor:
 # stray a little off the picture), no further.
 
 
+def polygon_coordinates(polygon):
+    """The coordinates of a polygon as a list of Python numbers, or None if it is not a flat list, tuple
+    or 1-D array of real numbers."""
+    if isinstance(polygon, np.ndarray):
+        numeric = np.issubdtype(polygon.dtype, np.integer) or np.issubdtype(polygon.dtype, np.floating)
+        return polygon.astype(np.float64).tolist() if polygon.ndim == 1 and numeric else None
+    if not isinstance(polygon, (list, tuple)):
+        return None
+    if set(map(type, polygon)) <= {int, float}:  # what JSON gives; the fast path for a whole data set
+        return polygon
+    if all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in polygon):
+        return [float(v) for v in polygon]
+    return None
+
+
 def check_polygon(polygon, height: int, width: int, name: str = "polygon") -> None:
     """Raises ValueError unless `polygon` is a COCO polygon [x1, y1, x2, y2, ...] that pycocotools can
     rasterise safely in a height x width image: an even number, at least 6 (3 points), of finite
     coordinates in pixels, each within one image size beyond the borders (x in [-width, 2 * width],
     y in [-height, 2 * height])."""
-    try:
-        coords = np.asarray(polygon, dtype=np.float64)
-    except (TypeError, ValueError):
-        coords = None
-    if coords is None or coords.ndim != 1:
+    coords = polygon_coordinates(polygon)
+    if coords is None:
         raise ValueError(f"{name} must be a flat list of numbers [x1, y1, x2, y2, ...]; got {str(polygon)[:80]}")
     if len(coords) < 6 or len(coords) % 2:
         raise ValueError(f"{name} must have an even number of coordinates, at least 6 (3 points); got {len(coords)}")
-    if not np.isfinite(coords).all():
-        bad = coords[~np.isfinite(coords)][0]
-        raise ValueError(f"{name} has a coordinate {bad}; coordinates must be finite (pixels)")
-    xs, ys = coords[0::2], coords[1::2]  # (P,) each
-    outside = (xs < -width) | (xs > 2 * width) | (ys < -height) | (ys > 2 * height)
-    if outside.any():
-        j = int(np.flatnonzero(outside)[0])
-        raise ValueError(f"{name} has the point ({xs[j]:g}, {ys[j]:g}), more than one image size outside the "
+    # Plain Python, not numpy: a data set has a million polygons of a few dozen numbers. A NaN or an
+    # infinity makes the sum non-finite.
+    if not math.isfinite(sum(coords)):
+        bad = next((v for v in coords if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(f"{name} has a coordinate {bad}; coordinates must be finite (pixels)")
+    xs, ys = coords[0::2], coords[1::2]
+    if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+        x, y = next((x, y) for x, y in zip(xs, ys)
+                    if not (-width <= x <= 2 * width and -height <= y <= 2 * height))
+        raise ValueError(f"{name} has the point ({x:g}, {y:g}), more than one image size outside the "
                          f"{width}x{height} image; expected x in [{-width}, {2 * width}] and y in "
                          f"[{-height}, {2 * height}]")
 
