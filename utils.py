@@ -149,13 +149,15 @@ def rle_string_counts(counts) -> np.ndarray:
     groups = np.frombuffer(data, np.uint8).astype(np.int64) - 48  # (G,)
     if ((groups < 0) | (groups > 63)).any():
         raise ValueError(f"compressed RLE counts hold characters outside '0'..'o'; got {str(counts)[:40]!r}")
+    if not len(groups):
+        return np.zeros(0, np.int64)
     last = (groups & 0x20) == 0  # the last group of each run
-    if len(groups) and not last[-1]:
+    if not last[-1]:
         raise ValueError("compressed RLE counts end in the middle of a run")
     run = np.cumsum(last) - last  # (G,) the run each group belongs to
     first = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # (R,) index of each run's first group
     position = np.arange(len(groups)) - first[run]  # (G,) place of the group within its run
-    if len(groups) and position.max() >= 7:  # 7 groups hold 35 bits: more than any mask has pixels
+    if position.max() >= 7:  # 7 groups hold 35 bits: more than any mask has pixels
         raise ValueError("compressed RLE counts hold a run of more than 7 characters")
     values = np.zeros(len(first), np.int64)
     np.add.at(values, run, (groups & 0x1F) << (5 * position))
