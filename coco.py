@@ -7,9 +7,12 @@ Layout, as COCO's: <data>/annotations/instances_<split>.json and the images in <
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import time
 
@@ -28,6 +31,17 @@ logger = logging.getLogger(__name__)
 # COCOeval's 12 summary numbers, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
+# Category ids are the class indices when labels are the category ids (torchvision's COCO models): the
+# classifier then has max id + 1 outputs and the data set a name list as long. The largest public label
+# sets have about 1,200 categories (LVIS: 1,203; Open Images: 601), so an id above this bound is a
+# mistake (an id from another table, a hash) that would allocate a class list and classifier that size.
+MAX_CATEGORY_ID = 10_000
+
+# A box whose [x, y, width, height] reading runs past the image by more than this (pixels) while its
+# [x1, y1, x2, y2] reading lies inside is taken for a box written as corners. COCO's own boxes come from
+# the polygons and run past the border by rounding only.
+XYXY_TOLERANCE = 1.0
+
 
 ############################################################
 #  Data set
@@ -42,16 +56,18 @@ class CocoDataset(torch.utils.data.Dataset):
     crowd_boxes [C, 4] (iscrowd regions: neither objects nor background), image_id.
 
     Labels are contiguous 1..K in sorted category-id order (`label_to_category` maps them back), or the
-    category ids themselves with labels_are_category_ids (torchvision's COCO models). Masks stay as
-    polygons or RLE until an item is built. Images without annotations are kept (negatives). Objects
-    whose box has no width or height inside the image are dropped, with one warning that counts them.
+    category ids themselves with labels_are_category_ids (torchvision's COCO models). The file is
+    checked when loaded (load_coco: check_annotations' errors refuse it, with the file, image and
+    annotation ids). Masks stay as polygons or RLE until an item is built. Images without annotations
+    are kept (negatives). Objects whose box has no width or height inside the image are dropped, with
+    one warning that counts them.
     """
 
     def __init__(self, root, split, labels_are_category_ids=False):
         self.root, self.split = root, split
         self.annotation_file = os.path.join(root, "annotations", f"instances_{split}.json")
         self.image_dir = os.path.join(root, split)
-        self.coco = load_coco(self.annotation_file)
+        self.coco = load_coco(self.annotation_file, labels_are_category_ids)
         self.category_ids = sorted(self.coco.getCatIds())
         if labels_are_category_ids:
             self.label_to_category = {c: c for c in self.category_ids}
@@ -64,21 +80,18 @@ class CocoDataset(torch.utils.data.Dataset):
             names.get(self.label_to_category.get(label), "N/A") for label in range(1, self.num_classes)
         ]
         self.image_ids = sorted(self.coco.getImgIds())
-        self.objects, self.crowds, dropped = {}, {}, 0
+        self.objects, self.crowds = {}, {}
         for image_id in self.image_ids:
             info = self.coco.imgs[image_id]
             self.objects[image_id], self.crowds[image_id] = [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
-                box = clipped_box(ann, info)
+                box = clipped_box(ann, info)  # None: dropped, as load_coco's warning counted
                 if box is None:
-                    dropped += 1
-                elif ann.get("iscrowd", 0):
+                    continue
+                if ann.get("iscrowd", 0):
                     self.crowds[image_id].append(box)
                 else:
                     self.objects[image_id].append((box, ann))
-        if dropped:
-            logger.warning("%s: dropped %d of %d annotations whose box has no width or height inside its image",
-                           self.annotation_file, dropped, len(self.coco.anns))
         self.aspect_ratios = [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.image_ids]
 
     def __len__(self):
@@ -115,8 +128,37 @@ def flip_boxes(boxes, width):
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def load_coco(annotation_file) -> COCO:
-    """pycocotools' COCO index of a file, with clear errors for a missing, unreadable or malformed one."""
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One fault of a COCO annotation file, found by check_annotations.
+
+    level "error": the loader refuses the file. level "warning": the loader drops what it names and
+    goes on (an object whose box is empty inside its image, a polygon of fewer than 3 points, an
+    object left with no polygon), counting them in one log line per code. `code` is a short name of
+    the kind of fault ("duplicate-id", "empty-box", ...), for counting; image_id and annotation_id
+    are None where the fault is not tied to one.
+    """
+
+    file: str
+    image_id: object
+    annotation_id: object
+    code: str
+    message: str
+    level: str = "error"
+
+    def where(self) -> str:
+        parts = [f"image {self.image_id}" if self.image_id is not None else "",
+                 f"annotation {self.annotation_id}" if self.annotation_id is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+    def __str__(self):
+        where = self.where()
+        return f"{self.file}: {where + ': ' if where else ''}{self.message}"
+
+
+def read_annotation_file(annotation_file) -> dict:
+    """The JSON of a COCO instances file, with clear errors for a missing or unreadable file and for
+    one without the 'images', 'annotations' and 'categories' lists (nothing else can be checked then)."""
     if not os.path.exists(annotation_file):
         raise FileNotFoundError(f"annotation file not found: {annotation_file}")
     try:
@@ -124,27 +166,172 @@ def load_coco(annotation_file) -> COCO:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"annotation file {annotation_file} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+    keys = ("images", "annotations", "categories")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in keys):
+        got = {k: type(v).__name__ for k, v in data.items()} if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"annotation file {annotation_file} needs 'images', 'annotations' and 'categories' "
-                         f"(COCO instances format); got {keys}")
-    image_ids = {im.get("id") for im in data["images"]}
-    category_ids = {c.get("id") for c in data["categories"]}
+                         f"as lists (COCO instances format); got {got}")
+    return data
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_short_polygon(polygon) -> bool:
+    """A polygon of fewer than 3 points (COCO has a few): no area, and pycocotools reads a 4-number one
+    as a box."""
+    return isinstance(polygon, list) and len(polygon) < 6
+
+
+def check_annotations(data: dict, annotation_file: str, labels_are_category_ids: bool = False) -> list[Problem]:
+    """Every fault of a COCO instances file's contents (`data`, from read_annotation_file), as Problems.
+
+    Errors: image entries without an id, file_name or positive integer height and width; duplicate image,
+    category or annotation ids; category ids that are not integers, negative, or (labels_are_category_ids)
+    0, the background, or above MAX_CATEGORY_ID; annotations without an id, with an unknown image or
+    category, a bbox that is not 4 finite numbers or that looks like [x1, y1, x2, y2] (XYXY_TOLERANCE), or
+    a segmentation that pycocotools cannot decode safely (utils.check_polygon, utils.check_rle: finite
+    coordinates near the image, RLE runs summing to its size).
+    Warnings (the loader drops these): boxes with no width or height inside their image, polygons of
+    fewer than 3 points, and objects left with no polygon.
+    """
+    problems = []
+
+    def add(image_id, annotation_id, code, message, level="error"):
+        problems.append(Problem(annotation_file, image_id, annotation_id, code, message, level))
+
+    images = {}
     for image in data["images"]:
-        missing = [k for k in ("id", "file_name", "height", "width") if k not in image]
+        image_id = image.get("id") if isinstance(image, dict) else None
+        missing = [k for k in ("id", "file_name", "height", "width") if not isinstance(image, dict) or k not in image]
         if missing:
-            raise ValueError(f"{annotation_file}: image entry {image} lacks {', '.join(missing)}")
+            add(image_id, None, "bad-image", f"image entry {str(image)[:80]} lacks {', '.join(missing)}")
+        elif not all(is_integer(image[k]) and image[k] > 0 for k in ("height", "width")):
+            add(image_id, None, "bad-image", f"height and width must be positive integers; got "
+                                             f"{image['height']!r} x {image['width']!r}")
+        elif image_id in images:
+            add(image_id, None, "duplicate-id", f"image id {image_id!r} is used by more than one image")
+        else:
+            images[image_id] = image
+
+    categories = set()
+    for category in data["categories"]:
+        category_id = category.get("id") if isinstance(category, dict) else None
+        if not is_integer(category_id) or category_id < 0:
+            add(None, None, "category-id", f"category {str(category)[:80]}: ids must be integers >= 0; got "
+                                           f"{category_id!r}")
+        elif labels_are_category_ids and not 1 <= category_id <= MAX_CATEGORY_ID:
+            add(None, None, "category-id", f"category id {category_id} cannot be a label: with "
+                                           f"LABELS_ARE_CATEGORY_IDS ids must be in 1..{MAX_CATEGORY_ID} "
+                                           "(0 is the background); renumber the categories or use "
+                                           "LABELS_ARE_CATEGORY_IDS=False")
+        elif category_id in categories:
+            add(None, None, "duplicate-id", f"category id {category_id} is used by more than one category")
+        else:
+            categories.add(category_id)
+
+    annotation_ids = set()
     for ann in data["annotations"]:
-        where = f"{annotation_file}: annotation {ann.get('id')}"
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'")
-        if ann.get("category_id") not in category_ids:
-            raise ValueError(f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories'")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ValueError(f"{where} needs 'bbox' as [x, y, width, height]; got {bbox!r}")
-        if "segmentation" not in ann:
-            raise ValueError(f"{where} has no 'segmentation' (polygons or RLE)")
+        if not isinstance(ann, dict) or "id" not in ann:
+            add(None, None, "bad-annotation", f"annotation entry {str(ann)[:80]} has no 'id'")
+            continue
+        ann_id, image_id = ann["id"], ann.get("image_id")
+        if ann_id in annotation_ids:
+            add(image_id, ann_id, "duplicate-id", f"annotation id {ann_id!r} is used by more than one annotation")
+        annotation_ids.add(ann_id)
+        if image_id not in images:
+            add(image_id, ann_id, "unknown-image", f"refers to image_id {image_id!r}, which is not in 'images'")
+            continue
+        if ann.get("category_id") not in categories:
+            add(image_id, ann_id, "unknown-category",
+                f"has category_id {ann.get('category_id')!r}, which is not in 'categories'")
+        height, width = images[image_id]["height"], images[image_id]["width"]
+        problems += [Problem(annotation_file, image_id, ann_id, code, message, level)
+                     for code, message, level in annotation_faults(ann, height, width)]
+    return problems
+
+
+def annotation_faults(ann: dict, height: int, width: int) -> list[tuple[str, str, str]]:
+    """The faults of one annotation's bbox and segmentation, in a height x width image, as
+    (code, message, level) for check_annotations."""
+    faults = []
+    bbox = ann.get("bbox")
+    # A NaN or an infinity makes the sum non-finite.
+    numbers = isinstance(bbox, list) and len(bbox) == 4 and set(map(type, bbox)) <= {int, float}
+    if not numbers or not math.isfinite(sum(bbox)):
+        faults.append(("bad-bbox", f"needs 'bbox' as [x, y, width, height], 4 finite numbers; got {bbox!r}", "error"))
+    else:
+        x, y, w, h = bbox
+        runs_past = x + w > width + XYXY_TOLERANCE or y + h > height + XYXY_TOLERANCE
+        if runs_past and x < w <= width and y < h <= height:
+            faults.append(("xyxy-box", f"bbox {bbox} runs past the {width}x{height} image read as COCO's [x, y, "
+                                       "width, height] but fits it read as [x1, y1, x2, y2]: write boxes as [x, y, "
+                                       "width, height] (and clip those meant to run off the image)", "error"))
+        elif clipped_box(ann, {"height": height, "width": width}) is None:
+            faults.append(("empty-box", f"bbox {bbox} has no width or height inside the image (dropped)", "warning"))
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list):
+        for j, polygon in enumerate(segmentation):
+            if is_short_polygon(polygon):
+                faults.append(("short-polygon", f"segmentation[{j}] has fewer than 3 points (dropped)", "warning"))
+                continue
+            try:
+                utils.check_polygon(polygon, height, width, f"segmentation[{j}]")
+            except ValueError as error:
+                faults.append(("bad-polygon", str(error), "error"))
+        if all(is_short_polygon(p) for p in segmentation):
+            faults.append(("no-polygon", "has no polygon of 3 or more points (the object is dropped)", "warning"))
+    elif isinstance(segmentation, dict):
+        try:
+            utils.check_rle(segmentation, height, width, "segmentation")
+        except ValueError as error:
+            faults.append(("bad-rle", str(error), "error"))
+    else:
+        faults.append(("bad-segmentation", "needs 'segmentation' as polygons [[x1, y1, x2, y2, ...], ...] or RLE "
+                                           f"{{'size', 'counts'}}; got {str(segmentation)[:80]}", "error"))
+    return faults
+
+
+# What the loader drops, by Problem code, as its log line says it.
+DROPPED = {
+    "empty-box": "dropped {n} of {total} annotations whose box has no width or height inside its image",
+    "short-polygon": "dropped {n} polygons of fewer than 3 points",
+    "no-polygon": "dropped {n} of {total} annotations left with no polygon of 3 or more points (from evaluation too)",
+}
+
+
+def problem_report(annotation_file, errors: list[Problem], limit: int = 20) -> str:
+    """The errors of one file as one message: a line each (image and annotation id first), the first `limit`."""
+    lines = [f"{annotation_file} has {len(errors)} error{'s' if len(errors) > 1 else ''}:"]
+    lines += [f"  {p.where() or 'file'}: {p.message}" for p in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)
+
+
+def load_coco(annotation_file, labels_are_category_ids: bool = False) -> COCO:
+    """pycocotools' COCO index of a file, checked first by check_annotations: every error in one
+    ValueError (problem_report), and one warning line per kind of thing dropped, counted. Polygons of
+    fewer than 3 points, and objects left with no polygon, are removed from the index, so that training
+    and COCOeval see the same objects; objects with an empty box stay (the data set leaves them out
+    of training)."""
+    data = read_annotation_file(annotation_file)
+    problems = check_annotations(data, annotation_file, labels_are_category_ids)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise ValueError(problem_report(annotation_file, errors))
+    for code, text in DROPPED.items():
+        found = [p for p in problems if p.code == code]
+        if found:
+            ids = ", ".join(str(p.annotation_id) for p in found[:5]) + (", ..." if len(found) > 5 else "")
+            logger.warning("%s: %s (annotations %s)", annotation_file,
+                           text.format(n=len(found), total=len(data["annotations"])), ids)
+    no_polygon = {p.annotation_id for p in problems if p.code == "no-polygon"}
+    data["annotations"] = [ann for ann in data["annotations"] if ann["id"] not in no_polygon]
+    for ann in data["annotations"]:
+        if isinstance(ann["segmentation"], list):
+            ann["segmentation"] = [p for p in ann["segmentation"] if not is_short_polygon(p)]
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -164,17 +351,15 @@ def annotation_mask(ann, height, width) -> np.ndarray:
     """HxW bool mask of an annotation: polygons, RLE (compressed) or uncompressed RLE."""
     segmentation = ann["segmentation"]
     try:
-        if isinstance(segmentation, list):  # polygons; fewer than 3 points make no area
-            polygons = [p for p in segmentation if len(p) >= 6]
-            mask = utils.polygons_to_mask(polygons, height, width) if polygons else np.zeros((height, width), bool)
+        if isinstance(segmentation, list):
+            mask = utils.polygons_to_mask(segmentation, height, width)
         elif isinstance(segmentation, dict):
             mask = utils.rle_to_mask(segmentation, height, width)
         else:
             raise TypeError(f"unknown segmentation type {type(segmentation).__name__}")
     except Exception as error:
-        raise ValueError(f"annotation {ann.get('id')}: cannot decode its segmentation ({error})") from error
-    if mask.shape != (height, width):
-        raise ValueError(f"annotation {ann.get('id')}: mask is {mask.shape}, image is {(height, width)}")
+        raise ValueError(f"image {ann.get('image_id')}, annotation {ann.get('id')}: cannot decode its segmentation "
+                         f"({error})") from error
     return mask
 
 
@@ -191,10 +376,16 @@ def collate(batch):
 class TrainingBatchSampler(torch.utils.data.Sampler):
     """Endless batches of (index, hflip) for one process, starting at batch `start`.
 
-    Every epoch is a permutation seeded by (seed, epoch), split among the processes; images are
-    grouped by aspect ratio (wider than high or not) so that a batch pads little, and each is
-    flipped with probability 0.5 when `hflip`. Batch k of a process is a function of (seed, k, rank,
-    world_size) alone, so a run resumed at iteration k sees the same data as one that never stopped.
+    Every epoch is a permutation seeded by (seed, epoch), split among the processes; each image is
+    flipped with probability 0.5 when `hflip`. Images are grouped by aspect ratio (wider than high or
+    not) so that a batch pads little: a group gives a batch whenever it holds `batch_size` images. At
+    the end of an epoch the partial groups are emptied, wide then tall, oldest first, into mixed
+    batches, the last one completed with the first images of the next epoch (which that epoch then
+    does not draw again). So every image of a process's share is drawn exactly once per epoch, whatever
+    the orientations, and at most two batches an epoch mix them. Batch k of a process is a function of
+    (seed, k, rank, world_size) alone, so a run resumed at iteration k sees the same data as one that
+    never stopped. A data set smaller than world_size * batch_size is refused (rather than repeating
+    images within a batch): it is almost surely the wrong folder or split.
     """
 
     def __init__(self, aspect_ratios, batch_size, seed=0, rank=0, world_size=1, hflip=True, start=0):
@@ -205,22 +396,36 @@ class TrainingBatchSampler(torch.utils.data.Sampler):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.hflip, self.start = hflip, start
 
-    def __iter__(self):
-        count, epoch = 0, 0
+    def epoch(self, epoch):
+        """This process's share of an epoch: [(index, hflip)] in the epoch's order (at least batch_size)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.wide), generator=generator).tolist()
+        flips = (torch.rand(len(self.wide), generator=generator) < 0.5).tolist()
+        return [(index, self.hflip and flips[index]) for index in order[self.rank :: self.world_size]]
+
+    def batches(self):
+        """All batches from the first, endlessly."""
+        share, drawn, epoch = self.epoch(0), 0, 0  # drawn: images of `share` already drawn last epoch
         while True:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(len(self.wide), generator=generator).tolist()
-            flips = (torch.rand(len(self.wide), generator=generator) < 0.5).tolist()
             groups = {True: [], False: []}
-            for index in order[self.rank :: self.world_size]:
-                group = groups[self.wide[index]]
-                group.append((index, self.hflip and flips[index]))
+            for item in share[drawn:]:
+                group = groups[self.wide[item[0]]]
+                group.append(item)
                 if len(group) == self.batch_size:
-                    if count >= self.start:
-                        yield list(group)
-                    count += 1
+                    yield list(group)
                     group.clear()
+            leftovers = groups[True] + groups[False]  # fewer than 2 * batch_size
+            while len(leftovers) >= self.batch_size:
+                yield leftovers[: self.batch_size]
+                leftovers = leftovers[self.batch_size :]
             epoch += 1
+            share = self.epoch(epoch)
+            drawn = self.batch_size - len(leftovers) if leftovers else 0
+            if leftovers:
+                yield leftovers + share[:drawn]
+
+    def __iter__(self):
+        return itertools.islice(self.batches(), self.start, None)
 
 
 ############################################################

@@ -1411,10 +1411,11 @@ def check_targets(targets, images, num_classes):
                 j = int(torch.where(outside)[0][0])
                 raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} lies outside the image "
                                  f"({width} x {height})")
-        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1] or labels.is_floating_point():
-            shape = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"targets[{i}]['labels'] must be an integer tensor [K] with K = {boxes.shape[0]}; "
-                             f"got {shape}")
+        # int64 only: a uint8 or bool tensor used as an index is a mask, not class numbers.
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1] or labels.dtype != torch.int64:
+            got = f"{list(labels.shape)} {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"targets[{i}]['labels'] must be an integer tensor [K] with K = {boxes.shape[0]} and "
+                             f"dtype torch.int64; got {got}")
         if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= num_classes):
             raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes - 1} (0 is background); got "
                              f"values from {int(labels.min())} to {int(labels.max())}")
@@ -1423,3 +1424,8 @@ def check_targets(targets, images, num_classes):
             shape = list(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
             raise ValueError(f"targets[{i}]['masks'] must be [K, H, W] = [{boxes.shape[0]}, {height}, {width}]; "
                              f"got {shape}")
+        # The mask loss is a binary cross-entropy against these values: a target above 1 (a 0/255 mask)
+        # leaves it unbounded below, and training runs to NaN within steps.
+        if masks.numel() and masks.dtype != torch.bool and not 0 <= float(masks.min()) <= float(masks.max()) <= 1:
+            raise ValueError(f"targets[{i}]['masks'] must hold 0 and 1 (or values in [0, 1]); got values from "
+                             f"{float(masks.min()):g} to {float(masks.max()):g} ({masks.dtype})")

@@ -1,6 +1,8 @@
 """Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
 
 import json
+import math
+import numbers
 import os
 import urllib.error
 
@@ -78,6 +80,120 @@ def image_to_tensor(image: np.ndarray) -> Tensor:
 #  Masks: RLE and polygons (COCO formats, via pycocotools)
 ############################################################
 
+# pycocotools rasterises a polygon edge by edge with no bound on its length and decodes RLE runs
+# without checking them against the mask's size, so a far-away, NaN or infinite coordinate takes
+# gigabytes or crashes the process, and runs that overshoot write past the mask. The checks below
+# run first; a polygon may reach one image size beyond each border (annotation tools let points
+# stray a little off the picture), no further.
+
+
+def polygon_coordinates(polygon):
+    """The coordinates of a polygon as a list of Python numbers, or None if it is not a flat list, tuple
+    or 1-D array of real numbers."""
+    if isinstance(polygon, np.ndarray):
+        numeric = np.issubdtype(polygon.dtype, np.integer) or np.issubdtype(polygon.dtype, np.floating)
+        return polygon.astype(np.float64).tolist() if polygon.ndim == 1 and numeric else None
+    if not isinstance(polygon, (list, tuple)):
+        return None
+    if set(map(type, polygon)) <= {int, float}:  # what JSON gives; the fast path for a whole data set
+        return polygon
+    if all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in polygon):
+        return [float(v) for v in polygon]
+    return None
+
+
+def check_polygon(polygon, height: int, width: int, name: str = "polygon") -> None:
+    """Raises ValueError unless `polygon` is a COCO polygon [x1, y1, x2, y2, ...] that pycocotools can
+    rasterise safely in a height x width image: an even number, at least 6 (3 points), of finite
+    coordinates in pixels, each within one image size beyond the borders (x in [-width, 2 * width],
+    y in [-height, 2 * height])."""
+    coords = polygon_coordinates(polygon)
+    if coords is None:
+        raise ValueError(f"{name} must be a flat list of numbers [x1, y1, x2, y2, ...]; got {str(polygon)[:80]}")
+    if len(coords) < 6 or len(coords) % 2:
+        raise ValueError(f"{name} must have an even number of coordinates, at least 6 (3 points); got {len(coords)}")
+    # Plain Python, not numpy: a data set has a million polygons of a few dozen numbers. A NaN or an
+    # infinity makes the sum non-finite.
+    if not math.isfinite(sum(coords)):
+        bad = next((v for v in coords if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(f"{name} has a coordinate {bad}; coordinates must be finite (pixels)")
+    xs, ys = coords[0::2], coords[1::2]
+    if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+        x, y = next((x, y) for x, y in zip(xs, ys)
+                    if not (-width <= x <= 2 * width and -height <= y <= 2 * height))
+        raise ValueError(f"{name} has the point ({x:g}, {y:g}), more than one image size outside the "
+                         f"{width}x{height} image; expected x in [{-width}, {2 * width}] and y in "
+                         f"[{-height}, {2 * height}]")
+
+
+def check_polygons(polygons, height: int, width: int, name: str = "polygons") -> None:
+    """check_polygon for each polygon of a list of them (COCO's segmentation of one object)."""
+    if not isinstance(polygons, (list, tuple)):
+        raise ValueError(f"{name} must be a list of polygons [[x1, y1, x2, y2, ...], ...]; "
+                         f"got {type(polygons).__name__}")
+    for j, polygon in enumerate(polygons):
+        check_polygon(polygon, height, width, f"{name}[{j}]")
+
+
+def rle_string_counts(counts) -> np.ndarray:
+    """The run lengths [R] int64 of a compressed COCO RLE string (str or bytes), decoded as pycocotools'
+    rleFrString does: each run is a little-endian series of 5-bit groups written as chr(48 + group),
+    with 0x20 set on every group but the last and 0x10 of the last one the sign, and runs from the
+    fourth on are stored as the difference to the run two before. Raises ValueError for a character
+    outside that alphabet or a string that ends inside a run."""
+    try:
+        data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    except (UnicodeEncodeError, TypeError) as error:
+        raise ValueError(f"compressed RLE counts must be an ASCII string; got {str(counts)[:40]!r}") from error
+    groups = np.frombuffer(data, np.uint8).astype(np.int64) - 48  # (G,)
+    if ((groups < 0) | (groups > 63)).any():
+        raise ValueError(f"compressed RLE counts hold characters outside '0'..'o'; got {str(counts)[:40]!r}")
+    if not len(groups):
+        return np.zeros(0, np.int64)
+    last = (groups & 0x20) == 0  # the last group of each run
+    if not last[-1]:
+        raise ValueError("compressed RLE counts end in the middle of a run")
+    run = np.cumsum(last) - last  # (G,) the run each group belongs to
+    first = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # (R,) index of each run's first group
+    position = np.arange(len(groups)) - first[run]  # (G,) place of the group within its run
+    if position.max() >= 7:  # 7 groups hold 35 bits: more than any mask has pixels
+        raise ValueError("compressed RLE counts hold a run of more than 7 characters")
+    values = np.zeros(len(first), np.int64)
+    np.add.at(values, run, (groups & 0x1F) << (5 * position))
+    sign = (groups[last] & 0x10) != 0
+    values[sign] -= np.left_shift(1, 5 * (position[last][sign] + 1))
+    values[1::2] = np.cumsum(values[1::2])  # run m >= 3 is stored minus run m - 2
+    values[2::2] = np.cumsum(values[2::2])
+    return values
+
+
+def check_rle(rle, height: int, width: int, name: str = "rle") -> None:
+    """Raises ValueError unless `rle` is a COCO RLE of a height x width mask that pycocotools can decode
+    safely: {"size": [height, width], "counts": ...}, counts a list of non-negative integers
+    (uncompressed) or a compressed string, the runs summing to height * width."""
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        got = sorted(rle) if isinstance(rle, dict) else type(rle).__name__
+        raise ValueError(f"{name} must be a dict with 'size' [height, width] and 'counts'; got {got}")
+    size = rle["size"]
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        raise ValueError(f"{name}['size'] must be the image's [height, width] = [{height}, {width}]; "
+                         f"got {size!r}")
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        runs = rle_string_counts(counts)
+    elif isinstance(counts, (list, tuple)) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                                                   for c in counts):
+        runs = np.asarray(counts, dtype=np.int64).reshape(-1)
+    else:
+        raise ValueError(f"{name}['counts'] must be a list of integers (uncompressed) or a string (compressed); "
+                         f"got {str(counts)[:80]}")
+    if len(runs) and runs.min() < 0:
+        raise ValueError(f"{name}['counts'] has a negative run ({int(runs.min())}); runs must be >= 0")
+    if int(runs.sum()) != height * width:
+        raise ValueError(f"{name}['counts'] runs sum to {int(runs.sum())}; a {height}x{width} mask needs "
+                         f"{height * width}")
+
 
 def mask_to_rle(mask: np.ndarray) -> dict:
     """HxW bool mask -> COCO RLE (column-major, counts as a str for JSON)."""
@@ -89,19 +205,25 @@ def mask_to_rle(mask: np.ndarray) -> dict:
 
 
 def rle_to_mask(rle: dict, height: int, width: int) -> np.ndarray:
-    """COCO RLE (compressed, or uncompressed with a list of counts) -> HxW bool mask."""
+    """COCO RLE (compressed, or uncompressed with a list of counts) -> HxW bool mask. Raises ValueError
+    (naming `rle`) for one that does not describe a height x width mask (see check_rle)."""
     from pycocotools import mask as coco_mask
 
-    if isinstance(rle.get("counts"), list):
+    check_rle(rle, height, width, "rle")
+    if isinstance(rle["counts"], list):
         rle = coco_mask.frPyObjects(rle, height, width)
     return coco_mask.decode(rle).astype(bool)
 
 
 def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
-    """COCO polygons [[x1, y1, x2, y2, ...], ...] -> HxW bool mask."""
+    """COCO polygons [[x1, y1, x2, y2, ...], ...] -> HxW bool mask (all False for no polygon). Raises
+    ValueError (naming `polygons[j]`) for one pycocotools cannot rasterise safely (see check_polygon)."""
     from pycocotools import mask as coco_mask
 
-    rles = coco_mask.frPyObjects(polygons, height, width)
+    check_polygons(polygons, height, width, "polygons")
+    if not polygons:
+        return np.zeros((height, width), bool)
+    rles = coco_mask.frPyObjects([[float(v) for v in p] for p in polygons], height, width)
     return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
 
 
