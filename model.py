@@ -291,13 +291,20 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
+def resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """(h, w) of an image resized by resize_scale: each side floor(side * scale), as torchvision (the size
+    F.interpolate(scale_factor=scale, recompute_scale_factor=True) picks), but 1 pixel at least, where an
+    image of extreme aspect ratio (1 x 1000) would otherwise have a side of 0 pixels."""
+    scale = resize_scale(height, width, min_size, max_size)
+    return max(math.floor(float(height) * scale), 1), max(math.floor(float(width) * scale), 1)
+
+
 def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None,
                dtype: torch.dtype = torch.float32):
     """Converts to `dtype` (the model's), normalises with PIXEL_MEAN/STD, resizes (bilinear, as torchvision),
     pads to IMAGE_SIZE_DIVISOR.
 
-    Each side is resized to floor(side * resize_scale), as torchvision, but to 1 pixel at least: an image of
-    extreme aspect ratio (1 x 1000) would otherwise have a side of 0 pixels.
+    Each image is resized to resized_size (floor(side * resize_scale), 1 pixel at least).
     Targets (training) are resized with their images: boxes scaled per axis, masks by nearest neighbour.
     """
     min_size = config.IMAGE_MIN_DIM if min_size is None else min_size
@@ -306,10 +313,8 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
     resized, sizes, scales, new_targets = [], [], [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
-        scale = resize_scale(h, w, min_size, config.IMAGE_MAX_DIM)
-        scales.append(scale)
-        # The size F.interpolate(scale_factor=scale, recompute_scale_factor=True) would pick, clamped.
-        size = (max(math.floor(float(h) * scale), 1), max(math.floor(float(w) * scale), 1))
+        scales.append(resize_scale(h, w, min_size, config.IMAGE_MAX_DIM))
+        size = resized_size(h, w, min_size, config.IMAGE_MAX_DIM)
         image = F.interpolate(((image.to(dtype) - mean) / std)[None], size=size, mode="bilinear",
                               align_corners=False)[0]
         resized.append(image)
