@@ -22,7 +22,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -276,7 +276,7 @@ class ImageBatch:
     tensor: [N, 3, H, W], H and W multiples of the size divisor.
     image_sizes: [(h, w)] of each resized image before padding.
     original_sizes: [(h, w)] of each image as given.
-    scales: [float] the factor each image was resized by (its size is floor(original size * scale)).
+    scales: [float] the factor each image was resized by (each side is floor(original side * scale), 1 at least).
     """
 
     def __init__(self, tensor: Tensor, image_sizes, original_sizes, scales):
@@ -291,23 +291,32 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
-def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None):
-    """Normalises with PIXEL_MEAN/STD, resizes (bilinear, as torchvision), pads to IMAGE_SIZE_DIVISOR.
+def resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """(h, w) of an image resized by resize_scale: each side floor(side * scale), as torchvision (the size
+    F.interpolate(scale_factor=scale, recompute_scale_factor=True) picks), but 1 pixel at least, where an
+    image of extreme aspect ratio (1 x 1000) would otherwise have a side of 0 pixels."""
+    scale = resize_scale(height, width, min_size, max_size)
+    return max(math.floor(float(height) * scale), 1), max(math.floor(float(width) * scale), 1)
 
+
+def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None,
+               dtype: torch.dtype = torch.float32):
+    """Converts to `dtype` (the model's), normalises with PIXEL_MEAN/STD, resizes (bilinear, as torchvision),
+    pads to IMAGE_SIZE_DIVISOR.
+
+    Each image is resized to resized_size (floor(side * resize_scale), 1 pixel at least).
     Targets (training) are resized with their images: boxes scaled per axis, masks by nearest neighbour.
     """
     min_size = config.IMAGE_MIN_DIM if min_size is None else min_size
-    mean = torch.tensor(config.PIXEL_MEAN, dtype=images[0].dtype, device=images[0].device)[:, None, None]
-    std = torch.tensor(config.PIXEL_STD, dtype=images[0].dtype, device=images[0].device)[:, None, None]
+    mean = torch.tensor(config.PIXEL_MEAN, dtype=dtype, device=images[0].device)[:, None, None]
+    std = torch.tensor(config.PIXEL_STD, dtype=dtype, device=images[0].device)[:, None, None]
     resized, sizes, scales, new_targets = [], [], [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
-        scale = resize_scale(h, w, min_size, config.IMAGE_MAX_DIM)
-        scales.append(scale)
-        image = F.interpolate(
-            ((image - mean) / std)[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-            align_corners=False,
-        )[0]
+        scales.append(resize_scale(h, w, min_size, config.IMAGE_MAX_DIM))
+        size = resized_size(h, w, min_size, config.IMAGE_MAX_DIM)
+        image = F.interpolate(((image.to(dtype) - mean) / std)[None], size=size, mode="bilinear",
+                              align_corners=False)[0]
         resized.append(image)
         sizes.append(tuple(image.shape[-2:]))
         if targets is not None:
@@ -325,8 +334,10 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
     height = int(math.ceil(max(s[0] for s in sizes) / divisor) * divisor)
     width = int(math.ceil(max(s[1] for s in sizes) / divisor) * divisor)
     batch = resized[0].new_zeros((len(images), 3, height, width))
-    for image, padded in zip(resized, batch):
-        padded[:, : image.shape[1], : image.shape[2]].copy_(image)
+    for i, image in enumerate(resized):
+        # One indexing view per image (not iteration over `batch`): autograd can then follow the copy, so
+        # gradients reach images that require them.
+        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
     originals = [tuple(image.shape[-2:]) for image in images]
     return ImageBatch(batch, sizes, originals, scales), (new_targets if targets is not None else None)
 
@@ -815,10 +826,21 @@ def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float, alpha: Opti
     return loss.mean()
 
 
+def mean_over_samples(loss: Callable[..., Tensor], predictions: Tensor, *args) -> Tensor:
+    """loss(predictions, *args), a loss that averages over the samples (predictions' first dimension).
+    With no samples (nothing sampled, or a batch of ROI_BATCH_SIZE_PER_IMAGE = 0) a mean would be 0 / 0:
+    the loss is then 0, an empty sum of `predictions`, still connected to the parameters that made them, so
+    backward gives each a zero gradient rather than none (DDP expects every parameter in every step)."""
+    if predictions.shape[0] == 0:
+        return predictions.sum()
+    return loss(predictions, *args)
+
+
 def box_regression_loss(deltas: Tensor, target_deltas: Tensor, beta: float, normaliser: int) -> Tensor:
     """Smooth L1 (Huber with `beta`) summed over [P, 4] deltas and divided by `normaliser`, the number of
-    sampled predictions (positives and negatives), as Faster R-CNN normalises its box losses."""
-    return F.smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="sum") / normaliser
+    sampled predictions (positives and negatives), as Faster R-CNN normalises its box losses (by 1 when
+    nothing was sampled: the sum is then 0)."""
+    return F.smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="sum") / max(normaliser, 1)
 
 
 def rpn_losses(objectness: Tensor, deltas: Tensor, assigned: list[AssignedTargets], samples: list[BalancedSample],
@@ -834,11 +856,11 @@ def rpn_losses(objectness: Tensor, deltas: Tensor, assigned: list[AssignedTarget
     sampled = pos | torch.stack([s.negative for s in samples])  # (N, A)
     labels = torch.stack([a.labels for a in assigned]).to(objectness.dtype)  # (N, A), 1 or 0 where sampled
     target_deltas = torch.stack([a.deltas for a in assigned])  # (N, A, 4)
-    box_loss = box_regression_loss(deltas[pos], target_deltas[pos], c.SMOOTH_L1_BETA, max(int(sampled.sum()), 1))
+    box_loss = box_regression_loss(deltas[pos], target_deltas[pos], c.SMOOTH_L1_BETA, int(sampled.sum()))
     if c.RPN_FOCAL_LOSS:
         object_loss = sigmoid_focal_loss(objectness[sampled], labels[sampled], c.FOCAL_GAMMA, c.FOCAL_ALPHA)
     else:
-        object_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
+        object_loss = mean_over_samples(F.binary_cross_entropy_with_logits, objectness[sampled], labels[sampled])
     return {"loss_objectness": object_loss, "loss_rpn_box_reg": box_loss}
 
 
@@ -851,11 +873,11 @@ def fastrcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, ta
     """
     c = config
     if c.BOX_FOCAL_LOSS:
-        class_loss = softmax_focal_loss(class_logits, labels, c.FOCAL_GAMMA, c.FOCAL_ALPHA)
+        class_loss = mean_over_samples(softmax_focal_loss, class_logits, labels, c.FOCAL_GAMMA, c.FOCAL_ALPHA)
     else:
-        class_loss = F.cross_entropy(class_logits, labels)
+        class_loss = mean_over_samples(F.cross_entropy, class_logits, labels)
     pos = torch.where(labels > 0)[0]
-    deltas = box_deltas.reshape(labels.shape[0], -1, 4)[pos, labels[pos]]  # (R, K, 4) -> (F, 4)
+    deltas = box_deltas.reshape(labels.shape[0], class_logits.shape[1], 4)[pos, labels[pos]]  # (R, K, 4) -> (F, 4)
     box_loss = box_regression_loss(deltas, target_deltas[pos], c.SMOOTH_L1_BETA, labels.numel())
     return {"loss_classifier": class_loss, "loss_box_reg": box_loss}
 
@@ -877,10 +899,10 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_gt: Tensor, size: int,
 def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Mean per-pixel BCE of each foreground RoI's mask for its own class.
 
-    mask_logits: [F, K, M, M]; labels: [F] int64 (1..K-1); targets: [F, M, M] in [0, 1].
+    mask_logits: [F, K, M, M]; labels: [F] int64 (1..K-1); targets: [F, M, M] in [0, 1]. F may be 0.
     """
     logits = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]  # (F, M, M)
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return mean_over_samples(F.binary_cross_entropy_with_logits, logits, targets)
 
 
 ############################################################
@@ -954,13 +976,9 @@ class RoIHeads(nn.Module):
         pooled = self.box_roi_pool(features, [s.boxes for s in samples], image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         losses = fastrcnn_losses(class_logits, box_deltas, labels, torch.cat([s.deltas for s in samples]), self.config)
-        # Mask branch on the foreground only.
+        # Mask branch on the foreground only; with none it runs on no RoIs, so that every mask parameter stays
+        # in the graph (see mean_over_samples).
         foreground_labels = labels[labels > 0]
-        if foreground_labels.numel() == 0:
-            # Keeps every mask parameter in the graph (zero gradient), which DDP needs.
-            mask_parameters = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
-            losses["loss_mask"] = sum(p.sum() for p in mask_parameters) * 0
-            return losses
         foreground_boxes = [s.boxes[s.labels > 0] for s in samples]
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, foreground_boxes, image_sizes)))
         foreground_masks = torch.cat(self.foreground_mask_targets(samples, targets))
@@ -1017,17 +1035,28 @@ class RoIHeads(nn.Module):
 ############################################################
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, size) -> Tensor:
-    """Pastes [N, 1, M, M] mask probabilities into [N, 1, H, W] images, all masks in one batched step.
+PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of full-size probabilities at a time
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] = None,
+                chunk_bytes: int = PASTE_CHUNK_BYTES) -> Tensor:
+    """Pastes [N, 1, M, M] mask probabilities at `boxes` [N, 4] (x1, y1, x2, y2) into [N, 1, H, W] images
+    (size = (H, W)): probabilities in masks.dtype, or with `threshold` bool masks (probability > threshold).
 
     As torchvision: the masks are padded by one pixel and the boxes enlarged by (M + 2) / M and cut to
     integers; each mask is resized bilinearly (align_corners=False) to its box's integer size. The
     resize is separable, so it is written as two batched matrix products with the interpolation
     weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M + 2] and Wx [N, W, M + 2].
+    The products run a chunk of masks at a time, chunk_bytes of probabilities at most (one mask at least),
+    and a threshold applies to each chunk as it is made: on a 20 MP photo, 80 bool masks take 1.6 GB where
+    their float32 probabilities would take 6.4 GB. The chunks are the same with or without a threshold, so
+    the bool masks are exactly the thresholded probabilities.
     """
     n, height, width = masks.shape[0], int(size[0]), int(size[1])
+    out = torch.empty((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
+                      device=masks.device)
     if n == 0:
-        return masks.new_zeros((0, 1, height, width))
+        return out
     m = masks.shape[-1]
     padded = F.pad(masks[:, 0], (1, 1, 1, 1))
     scale = (m + 2) / m
@@ -1036,10 +1065,15 @@ def paste_masks(masks: Tensor, boxes: Tensor, size) -> Tensor:
     ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
     ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
     box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
-    wy = interpolation_weights(box[:, 1], box[:, 3], height, m + 2, masks.dtype)
-    wx = interpolation_weights(box[:, 0], box[:, 2], width, m + 2, masks.dtype)
-    with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
-        return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
+    per_chunk = max(1, chunk_bytes // (height * width * masks.element_size()))
+    for start in range(0, n, per_chunk):
+        chunk = slice(start, start + per_chunk)
+        wy = interpolation_weights(box[chunk, 1], box[chunk, 3], height, m + 2, masks.dtype)
+        wx = interpolation_weights(box[chunk, 0], box[chunk, 2], width, m + 2, masks.dtype)
+        with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
+            pasted = torch.bmm(torch.bmm(wy, padded[chunk]), wx.transpose(1, 2))  # (chunk, H, W)
+        out[chunk, 0] = pasted if threshold is None else pasted > threshold
+    return out
 
 
 def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
@@ -1087,7 +1121,8 @@ class MaskRCNN(nn.Module):
     """Mask R-CNN with a ResNet-FPN backbone.
 
     forward(images, targets=None):
-        images: list of [3, H, W] float tensors in [0, 1] (sizes may differ).
+        images: list of [3, H, W] float tensors in [0, 1] (sizes may differ; any float dtype, converted to
+            the model's; values outside [0, 1], NaN or inf are refused with an error naming the image).
         targets (training): per image a dict with boxes [K, 4] float (x1, y1, x2, y2) in pixels,
             labels [K] int64 in 1..NUM_CLASSES-1, masks [K, H, W] uint8/bool, and optionally
             crowd_boxes [C, 4]: regions where anchors and proposals count as neither object nor background.
@@ -1108,9 +1143,9 @@ class MaskRCNN(nn.Module):
         self.to(memory_format=self.memory_format)  # conv weights in the layout of the activations
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
-        check_images(images)
         if not self.training:
             return self.infer(images)
+        check_images(images)
         if targets is None:
             raise ValueError("targets are required in training mode (call model.eval() for inference)")
         check_targets(targets, images, self.config.NUM_CLASSES)
@@ -1122,12 +1157,23 @@ class MaskRCNN(nn.Module):
         """Images and targets resized at a training scale drawn from IMAGE_MIN_DIM_TRAIN (torch's RNG), and
         the backbone's features. Returns (ImageBatch, targets in the resized pixels, [P2..P6])."""
         min_size = self.config.IMAGE_MIN_DIM_TRAIN[int(torch.randint(len(self.config.IMAGE_MIN_DIM_TRAIN), ()))]
-        batch, targets = preprocess(images, self.config, targets, min_size)
+        batch, targets = preprocess(images, self.config, targets, min_size, self.input_dtype)
         return batch, targets, self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
 
-    def infer(self, images: list[Tensor], return_intermediates: bool = False) -> list[dict]:
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype images are converted to: the parameters' (float32 unless the model was cast)."""
+        return next(self.parameters()).dtype
+
+    def infer(self, images: list[Tensor], return_intermediates: bool = False,
+              mask_threshold: Optional[float] = None) -> list[dict]:
         """Inference on [3, H, W] tensors (what forward does in eval mode): per image boxes [D, 4], labels,
         scores and masks [D, 1, H, W] (probabilities) in the image's own pixels.
+
+        images: float tensors in [0, 1] of any float dtype, converted to the model's (`input_dtype`); checked
+        by check_images. Gradients flow back to images that require them.
+        mask_threshold: None gives the masks as probabilities; a number gives bool masks (probability >
+        mask_threshold), thresholded while pasting, which needs far less memory on large images.
 
         return_intermediates adds to each result "intermediates", a dict of what the stages computed, in the
         image's own pixels: anchors (a [A, 4] tensor per FPN level) with anchor_strides and anchor_sizes (in
@@ -1136,8 +1182,9 @@ class MaskRCNN(nn.Module):
         proposal_scores, and per detection detection_proposals (the proposal its box was refined from) and
         mask_probs [D, M, M] (the predicted class's mask before pasting).
         """
+        check_images(images)
         c = self.config
-        batch, _ = preprocess(images, c)
+        batch, _ = preprocess(images, c, dtype=self.input_dtype)
         features = self.backbone(batch.tensor.contiguous(memory_format=self.memory_format))
         rpn = self.rpn(batch, features)
         results = self.roi_heads(features, [p.boxes for p in rpn.proposals], batch.image_sizes)
@@ -1159,7 +1206,7 @@ class MaskRCNN(nn.Module):
                     "mask_probs": result["masks"][:, 0],
                     "resize_scale": (size[0] / original[0], size[1] / original[1]),
                 }
-            result["masks"] = paste_masks(result["masks"], result["boxes"], original)
+            result["masks"] = paste_masks(result["masks"], result["boxes"], original, mask_threshold)
         return results
 
     def as_tensors(self, images) -> list[Tensor]:
@@ -1168,14 +1215,21 @@ class MaskRCNN(nn.Module):
             raise ValueError("expected a list of images (HxWx3 uint8 arrays or paths); got "
                              f"{type(images).__name__}")
         device = next(self.parameters()).device
-        tensors = [utils.image_to_tensor(utils.load_image(im) if isinstance(im, (str, os.PathLike)) else im)
-                   for im in images]
+        tensors = []
+        for i, image in enumerate(images):
+            try:
+                tensors.append(utils.image_to_tensor(
+                    utils.load_image(image) if isinstance(image, (str, os.PathLike)) else image))
+            except ValueError as error:
+                raise ValueError(f"images[{i}]: {error}") from error
         check_images(tensors)
         return [t.to(device) for t in tensors]
 
     @torch.no_grad()
     def detect(self, images, return_intermediates: bool = False) -> list[dict]:
-        """Inference on numpy images (HxWx3 uint8 RGB) or image paths; see the class docstring.
+        """Inference on numpy images (HxWx3 uint8 RGB; other dtypes are refused, as float arrays could be in
+        [0, 1] or [0, 255]) or image paths; see the class docstring. Masks are thresholded at MASK_THRESHOLD
+        while they are pasted (see paste_masks), so memory holds boolean full-size masks only.
 
         return_intermediates=True adds to each result "intermediates", a dict of numpy arrays in the
         image's own pixels, for the stage views of visualize.py (see `infer` for the keys).
@@ -1183,7 +1237,7 @@ class MaskRCNN(nn.Module):
         tensors = self.as_tensors(images)
         was_training = self.training
         self.eval()
-        outputs = self.infer(tensors, return_intermediates)
+        outputs = self.infer(tensors, return_intermediates, self.config.MASK_THRESHOLD)
         self.train(was_training)
         results = []
         for o in outputs:
@@ -1191,7 +1245,7 @@ class MaskRCNN(nn.Module):
                 "boxes": o["boxes"].float().cpu().numpy(),
                 "class_ids": o["labels"].cpu().numpy().astype(np.int64),
                 "scores": o["scores"].float().cpu().numpy(),
-                "masks": (o["masks"][:, 0] > self.config.MASK_THRESHOLD).cpu().numpy(),
+                "masks": o["masks"][:, 0].cpu().numpy(),
             }
             if return_intermediates:
                 result["intermediates"] = to_numpy(o["intermediates"])
@@ -1361,6 +1415,9 @@ def convert_state_dict(state: dict) -> dict:
 
 
 def check_images(images):
+    """images: a non-empty list of [3, H, W] floating point tensors (any float dtype: the model converts them to
+    its own), finite, with values in [0, 1] as torchvision's detection models take them. Raises ValueError
+    naming the image and what is wrong; a [0, 255] image would otherwise give no detections and no error."""
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError(f"images must be a non-empty list of [3, H, W] tensors; got {type(images).__name__}")
     for i, image in enumerate(images):
@@ -1372,10 +1429,16 @@ def check_images(images):
             raise ValueError(f"images[{i}] must be floating point in [0, 1]; got {image.dtype}")
         if image.shape[1] < 1 or image.shape[2] < 1:
             raise ValueError(f"images[{i}] is empty: shape {list(image.shape)}")
-        if not bool(torch.isfinite(image).all()):
-            nan, inf = int(torch.isnan(image).sum()), int(torch.isinf(image).sum())
+        values = image.detach()
+        if not bool(torch.isfinite(values).all()):
+            nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
             raise ValueError(f"images[{i}] has {nan} NaN and {inf} infinite values; images must be finite, "
                              "in [0, 1]")
+        low, high = (float(v) for v in torch.aminmax(values))
+        if low < 0 or high > 1:
+            hint = " (divide 0-255 images by 255)" if high > 1 else ""
+            raise ValueError(f"images[{i}] has values from {low:g} to {high:g}; image tensors must be in [0, 1]"
+                             f"{hint}")
 
 
 def target_tensors(target, index: int, device) -> dict:

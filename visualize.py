@@ -847,7 +847,8 @@ def dataset_image(dataset, index):
 
 def draw_detections(model, dataset, out, count=8, scale=4, min_score=0.5):
     """Writes <out>/<image id>.png (ground truth left, detections right) for the first `count` images
-    of a CocoDataset, and <out>/../detections.png with all of them in a grid. Returns the grid's path."""
+    of a CocoDataset, and <out>/detections.png with all of them in a grid. Returns the grid's path.
+    Like every command, it writes inside `out` only."""
     os.makedirs(out, exist_ok=True)
     rows = []
     for index in range(min(count, len(dataset))):
@@ -855,7 +856,7 @@ def draw_detections(model, dataset, out, count=8, scale=4, min_score=0.5):
         rows.append(render_comparison(image, target, model.detect([image])[0], model.config.CLASS_NAMES, min_score,
                                       scale))
         plt.imsave(os.path.join(out, f"{target['image_id']:06d}.png"), rows[-1])
-    grid_path = os.path.join(os.path.dirname(os.path.abspath(out)), "detections.png")
+    grid_path = os.path.join(out, "detections.png")
     plt.imsave(grid_path, compose(rows, 1))
     return grid_path
 

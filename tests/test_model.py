@@ -465,6 +465,40 @@ def test_backward_reaches_every_trainable_parameter():
     assert any(p.grad.abs().sum() > 0 for n, p in trainable if n.startswith("backbone.body.conv1"))
 
 
+def whole_image_crowd(height, width):
+    """A target with no objects and one crowd region covering the whole image."""
+    return {**empty_target(height, width), "crowd_boxes": torch.tensor([[0.0, 0.0, width, height]])}
+
+
+@pytest.mark.parametrize("case", ["crowd over the whole image", "ROI_BATCH_SIZE_PER_IMAGE=0",
+                                  "RPN_BATCH_SIZE_PER_IMAGE=0", "v2 heads, ROI_BATCH_SIZE_PER_IMAGE=0"])
+def test_no_sampled_rois_or_anchors_give_zero_losses_that_reach_every_parameter(case):
+    # Nothing sampled: the losses over no samples are 0 (not NaN, not a crash), and backward still gives every
+    # parameter a gradient (zero for the heads that saw no sample), as DDP requires of every step.
+    torch.manual_seed(0)
+    settings = {"ROI_BATCH_SIZE_PER_IMAGE=0": dict(ROI_BATCH_SIZE_PER_IMAGE=0),
+                "RPN_BATCH_SIZE_PER_IMAGE=0": dict(RPN_BATCH_SIZE_PER_IMAGE=0),
+                "v2 heads, ROI_BATCH_SIZE_PER_IMAGE=0": dict(ROI_BATCH_SIZE_PER_IMAGE=0, VARIANT="v2",
+                                                             BOX_HEAD_CONVS=2, RPN_CONVS=2)}.get(case, {})
+    model = MaskRCNN(small_config(**settings)).train()
+    images, targets = train_samples()
+    if case == "crowd over the whole image":
+        images, targets = images[:1], [whole_image_crowd(*images[0].shape[-2:])]
+    losses = model(images, targets)
+    assert set(losses) == LOSS_NAMES
+    rpn_case = case.startswith("RPN")
+    empty = ["loss_objectness", "loss_rpn_box_reg"] if rpn_case else ["loss_classifier", "loss_box_reg", "loss_mask"]
+    assert [losses[name].item() for name in empty] == [0] * len(empty)
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert losses["loss_classifier" if rpn_case else "loss_objectness"].item() > 0  # the other part still learns
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == []
+    unsampled = "rpn.head." if rpn_case else "roi_heads."
+    heads = [(n, p) for n, p in model.named_parameters() if n.startswith(unsampled)]
+    assert heads and all(p.grad.abs().max() == 0 for n, p in heads)
+
+
 def test_sgd_steps_reduce_the_loss():
     torch.manual_seed(0)
     # The backbone is frozen to save time; FPN, RPN and heads train.
@@ -964,11 +998,93 @@ def good_target(height=100, width=120):
     ([torch.rand(100, 120)], r"images\[0\] must be \[3, H, W\]"),
     ([(torch.rand(3, 100, 120) * 255).to(torch.uint8)], r"images\[0\] must be floating point"),
     ([np.zeros((3, 100, 120), dtype=np.float32)], r"images\[0\] must be a torch.Tensor"),
+    ([torch.rand(3, 100, 120), torch.rand(3, 100, 120) * 255], r"images\[1\] has values from .*; image tensors must "
+                                                               r"be in \[0, 1\] \(divide 0-255 images by 255\)"),
 ])
 def test_bad_images(checker, images, match):
     checker.eval()
     with pytest.raises(ValueError, match=match):
         checker(images)
+
+
+def one_pixel_image(value):
+    image = torch.zeros(3, 100, 120)
+    image[1, 40, 50] = value
+    return image
+
+
+@pytest.mark.parametrize("value, match", [(float("nan"), r"images\[1\] has 1 NaN and 0 infinite values"),
+                                          (255.0, r"images\[1\] has values from 0 to 255; .* must be in \[0, 1\]"),
+                                          (-1.0, r"images\[1\] has values from -1 to 0; .* must be in \[0, 1\]")])
+@pytest.mark.parametrize("entry", ["forward", "training", "infer"])
+def test_every_entry_checks_the_image_values(checker, entry, value, match):
+    # A NaN pixel or a 0-255 image would give no detections (or NaN losses) and no error.
+    images = [torch.rand(3, 100, 120), one_pixel_image(value)]
+    with pytest.raises(ValueError, match=match):
+        if entry == "infer":
+            checker.eval().infer(images)
+        elif entry == "training":
+            checker.train()(images, [good_target(), good_target()])
+        else:
+            checker.eval()(images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_images_of_other_float_dtypes_are_converted(small_detector, small_reference, dtype):
+    # Converted to the model's float32 first: a float64 image gives the float32 image's detections exactly, a
+    # float16 one those of its float32 value.
+    image = smooth_image(150, 200, seed=7)
+    (out,) = detections(small_detector, [image.to(dtype)])
+    expected = small_reference.out if dtype == torch.float64 else detections(small_detector, [image.half().float()])[0]
+    assert out["boxes"].dtype == torch.float32 and len(out["boxes"]) > 0
+    for key in ("boxes", "scores", "labels", "masks"):
+        assert torch.equal(out[key], expected[key]), key
+
+
+@pytest.mark.parametrize("height, width", [(1, 1000), (1000, 1)])
+def test_images_of_extreme_aspect_ratio(small_detector, height, width):
+    # The resize would make the short side 0 pixels; it keeps 1, and the detections lie inside the image.
+    image = smooth_image(height, width, seed=1)
+    (out,) = detections(small_detector, [image])
+    (r,) = small_detector.detect([(image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()])
+    for boxes, masks in ((out["boxes"], out["masks"][:, 0]), (torch.from_numpy(r["boxes"]), r["masks"])):
+        assert masks.shape == (boxes.shape[0], height, width)
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+
+
+def test_gradients_reach_the_input_images(small_detector):
+    # Inference with an image that requires grad (attribution, adversarial examples): d(sum of scores)/d(image).
+    model = clone_with(small_detector, small_detector.config).eval()
+    image = smooth_image(150, 200, seed=7).requires_grad_()
+    (out,) = model([image])
+    assert len(out["scores"]) > 0
+    out["scores"].sum().backward()
+    assert image.grad is not None and image.grad.shape == image.shape
+    assert torch.isfinite(image.grad).all() and image.grad.abs().max() > 0
+
+
+def test_detect_names_the_image_and_the_dtype_it_refuses(checker):
+    good = np.zeros((100, 120, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"images\[1\]: image must be uint8 \(0-255\); got float32"):
+        checker.detect([good, good.astype(np.float32)])
+
+
+def test_detect_thresholds_masks_while_pasting(small_detector, monkeypatch):
+    # detect() must not make full-size float masks (9 GB for 80 detections on a 20 MP photo): every paste it
+    # asks for is thresholded, and its masks are that paste's bool output.
+    calls = []
+    original = model_module.paste_masks
+
+    def spy(masks, boxes, size, threshold=None, **kwargs):
+        calls.append(threshold)
+        return original(masks, boxes, size, threshold, **kwargs)
+
+    monkeypatch.setattr(model_module, "paste_masks", spy)
+    image = (smooth_image(150, 200, seed=7) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    (r,) = small_detector.detect([image])
+    assert calls == [small_detector.config.MASK_THRESHOLD]
+    assert r["masks"].dtype == np.bool_ and len(r["masks"]) > 0
 
 
 def test_training_requires_targets(checker):

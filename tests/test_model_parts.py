@@ -23,6 +23,7 @@ from config import Config
 from model import (
     BOX_DELTA_CLAMP,
     AssignedTargets,
+    BalancedSample,
     MaskRCNN,
     Matcher,
     assign_targets,
@@ -36,6 +37,7 @@ from model import (
     mask_targets,
     paste_masks,
     preprocess,
+    rpn_losses,
     sample_balanced,
 )
 
@@ -259,6 +261,28 @@ def test_paste_masks_matches_a_float64_reference(m):
     assert got[5].abs().max() == 0
     got32 = paste_masks(masks[:, None].float(), boxes.float(), (70, 100))
     torch.testing.assert_close(got32[:, 0].double(), expected, atol=1e-5, rtol=0)
+    # One mask per chunk (the smallest working set) pastes the same masks.
+    one_by_one = paste_masks(masks[:, None].float(), boxes.float(), (70, 100), chunk_bytes=1)
+    torch.testing.assert_close(one_by_one[:, 0].double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 3 * 70 * 100 * 4])
+def test_paste_masks_with_a_threshold_is_the_thresholded_float_paste(chunk_bytes):
+    # Random masks and boxes (some over the image's borders); the bool paste must be exactly the float paste
+    # compared with the threshold, chunk by chunk (the default, one mask at a time, three at a time).
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(8, 1, 28, 28, generator=g)
+    corner = torch.rand(8, 2, generator=g) * 120 - 20
+    boxes = torch.cat([corner, corner + 1 + torch.rand(8, 2, generator=g) * 60], dim=1)
+    chunking = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    probabilities = paste_masks(masks, boxes, (70, 100), **chunking)
+    assert probabilities.dtype == torch.float32 and probabilities.shape == (8, 1, 70, 100)
+    for threshold in (0.0, 0.5, 0.9):
+        got = paste_masks(masks, boxes, (70, 100), threshold, **chunking)
+        assert got.dtype == torch.bool and got.shape == (8, 1, 70, 100)
+        assert torch.equal(got, probabilities > threshold)
+        assert got.any() and not got.all()
+    assert paste_masks(masks[:0], boxes[:0], (30, 40), 0.5).shape == (0, 1, 30, 40)
 
 
 def test_paste_no_masks():
@@ -308,6 +332,29 @@ def test_preprocess_resizes_targets_with_their_images():
     xs = (torch.arange(256) / 1.28).floor().long()
     assert torch.equal(resized["masks"][0], target["masks"][0][ys][:, xs])
     assert torch.equal(resized["labels"], target["labels"])
+
+
+@pytest.mark.parametrize("height, width, resized", [(1, 1000, (1, 300)), (1000, 1, (300, 1)), (2, 900, (1, 300))])
+def test_preprocess_keeps_a_pixel_on_each_side_of_extreme_aspect_ratios(height, width, resized):
+    # 1 x 1000: scale min(128 / 1, 300 / 1000) = 0.3, so the short side would be floor(1 * 0.3) = 0 pixels; it is
+    # kept at 1 (2 x 900: floor(2 * 1/3) = 0 too) and the long side is resized as usual, to 300.
+    config = preprocess_config()
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    batch, _ = preprocess([image], config)
+    assert batch.image_sizes == [resized]
+    mean = torch.tensor(config.PIXEL_MEAN)[:, None, None]
+    std = torch.tensor(config.PIXEL_STD)[:, None, None]
+    expected = F.interpolate(((image - mean) / std)[None], size=resized, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(batch.tensor[0, :, : resized[0], : resized[1]], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_preprocess_converts_images_to_the_models_dtype(dtype):
+    image = torch.rand(3, 100, 200, generator=torch.Generator().manual_seed(0)).to(dtype)
+    batch, _ = preprocess([image], preprocess_config())
+    expected, _ = preprocess([image.float()], preprocess_config())
+    assert batch.tensor.dtype == torch.float32 and torch.equal(batch.tensor, expected.tensor)
+    assert preprocess([image], preprocess_config(), dtype=torch.float64)[0].tensor.dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,6 +489,28 @@ def test_fastrcnn_losses_match_torchvision():
     got = fastrcnn_losses(class_logits, box_deltas, labels, target_deltas, config)
     torch.testing.assert_close(got["loss_classifier"], class_loss)
     torch.testing.assert_close(got["loss_box_reg"], box_loss)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_losses_over_no_samples_are_zero_and_connected(focal):
+    # No sampled RoI (or anchor): every loss is exactly 0, not NaN (a mean over nothing), and backward reaches
+    # the predictions with zero gradients, so the parameters that made them get a gradient (DDP needs one).
+    config = Config(BOX_FOCAL_LOSS=focal, RPN_FOCAL_LOSS=focal)
+    class_logits = torch.randn(0, 4, requires_grad=True)
+    box_deltas = torch.randn(0, 16, requires_grad=True)
+    mask_logits = torch.randn(0, 4, 28, 28, requires_grad=True)
+    objectness = torch.randn(2, 5, requires_grad=True)
+    anchor_deltas = torch.randn(2, 5, 4, requires_grad=True)
+    no_label = torch.zeros(0, dtype=torch.int64)
+    ignored = AssignedTargets(torch.full((5,), -1), torch.full((5,), -1), torch.zeros(5, 4), torch.zeros(5, dtype=bool))
+    nothing = BalancedSample(torch.zeros(5, dtype=bool), torch.zeros(5, dtype=bool))
+    losses = {**fastrcnn_losses(class_logits, box_deltas, no_label, torch.zeros(0, 4), config),
+              "loss_mask": mask_loss(mask_logits, no_label, torch.zeros(0, 28, 28)),
+              **rpn_losses(objectness, anchor_deltas, [ignored] * 2, [nothing] * 2, config)}
+    assert {name: value.item() for name, value in losses.items()} == dict.fromkeys(losses, 0.0)
+    sum(losses.values()).backward()
+    for tensor in (class_logits, box_deltas, mask_logits, objectness, anchor_deltas):
+        assert tensor.grad is not None and tensor.grad.shape == tensor.shape and not tensor.grad.any()
 
 
 def test_box_regression_loss_by_hand():

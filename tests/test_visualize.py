@@ -45,7 +45,9 @@ from helpers_visualize import (
 )
 from PIL import Image
 
+import shapes
 import visualize
+from config import ShapesConfig
 from model import MaskRCNN
 
 H, W = 64, 96
@@ -774,3 +776,29 @@ def test_bad_input(case, tmp_path):
     with pytest.raises(ValueError, match=message):
         call(scene()[0], str(path))
     assert not path.exists()
+
+
+############################################################
+#  The command line
+############################################################
+
+
+def test_command_writes_only_inside_its_out_folder(tmp_path):
+    """`python visualize.py --out RUN/pictures` with a random shapes model: the detection grid and every other
+    picture land in RUN/pictures; RUN (here holding the checkpoint and a detections.png of the user's) keeps
+    exactly its files, unchanged."""
+    data = tmp_path / "shapes"
+    shapes.generate(data, train=1, val=2, size=64, seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    config = ShapesConfig()
+    torch.save({"model": MaskRCNN(config).state_dict(), "config": config.to_dict()}, run / "last.pth")
+    (run / "detections.png").write_bytes(b"the user's own file")
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    out = run / "pictures"
+    visualize.main(["--weights", str(run / "last.pth"), "--config", "shapes", "--data", str(data), "--out", str(out),
+                    "--count", "2"])
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path != out} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run", "shapes"]
+    assert (out / "detections.png").is_file() and (out / "val_detections.png").is_file()
