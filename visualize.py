@@ -655,14 +655,6 @@ def dataset_boxes(dataset):
         yield image_id, info["height"], info["width"], boxes
 
 
-def network_input_size(height: int, width: int, min_size: int, config) -> tuple[int, int]:
-    """(h, w) of the image that model.preprocess makes: F.interpolate with scale_factor floors h * scale."""
-    import model
-
-    scale = model.resize_scale(height, width, min_size, config.IMAGE_MAX_DIM)
-    return math.floor(height * scale), math.floor(width * scale)
-
-
 def coverage_summary(entries: list[dict]) -> dict:
     """count, mean and median best IoU, low_quality and no_positive (counts) of some of a report's boxes."""
     ious = np.array([e["best_iou"] for e in entries], np.float64)
@@ -697,7 +689,7 @@ def anchor_coverage(samples, config) -> dict:
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         for min_size in config.IMAGE_MIN_DIM_TRAIN:
-            size = network_input_size(height, width, min_size, config)
+            size = model.resized_size(height, width, min_size, config.IMAGE_MAX_DIM)
             if size not in cache:
                 cache[size] = model.anchors_for_input(*size, config)
             anchors, levels = cache[size]

@@ -10,7 +10,7 @@ of white). A mask target's crop is a slice of the image, by hand (a 28 px RoI is
 one every other pixel), with the mask blended by hand.
 
 anchors_for_input: feature grids checked against the real backbone's feature shapes, anchors by hand (cell
-centres, sizes). network_input_size: the size model.preprocess gives the image. anchor_coverage: hand cases (a
+centres, sizes). model.resized_size: the size model.preprocess gives the image. anchor_coverage: hand cases (a
 box equal to an anchor has IoU 1 at that anchor's level; a 3 x 3 box inside a 16 px anchor has IoU 9 / 256; a
 box in an image that training enlarges twice; a duplicated box gets no positive anchor, since the matcher gives
 ties to the first box) and counts that add up. The integration test runs the real model.training_targets
@@ -402,11 +402,13 @@ def test_anchors_for_input_by_hand():
 
 
 @pytest.mark.parametrize("height, width, min_size, max_size", [(480, 640, 800, 1333), (333, 500, 800, 1333),
-                                                               (37, 91, 64, 100), (128, 128, 128, 128)])
-def test_network_input_size_is_what_preprocess_makes(height, width, min_size, max_size):
+                                                               (37, 91, 64, 100), (128, 128, 128, 128),
+                                                               (1, 1000, 800, 1333)])
+def test_resized_size_is_what_preprocess_makes(height, width, min_size, max_size):
+    # The coverage report sizes each image with model.resized_size, without running preprocess.
     config = Config(IMAGE_MAX_DIM=max_size)
     batch, _ = model_module.preprocess([torch.zeros(3, height, width)], config, min_size=min_size)
-    assert visualize.network_input_size(height, width, min_size, config) == batch.image_sizes[0]
+    assert model_module.resized_size(height, width, min_size, max_size) == batch.image_sizes[0]
 
 
 def coverage_config(**overrides):
