@@ -490,7 +490,10 @@ def detections_to_coco(output, image_id, label_to_category, mask_threshold):
 def coco_evaluators(coco_gt, results, image_ids=None, max_dets=100) -> dict:
     """COCOeval for bbox and segm, evaluated and accumulated: {kind: COCOeval, or None without results
     (pycocotools cannot load an empty result list)}. max_dets: the detections per image scored, COCOeval's
-    last maxDets (its others stay 1 and 10)."""
+    last maxDets; the others stay 1 and 10, or max_dets if lower (COCOeval sorts them, and summarize
+    reads the last for AP)."""
+    if not is_integer(max_dets) or max_dets < 1:
+        raise ValueError(f"max_dets (--max-dets) must be an integer >= 1; got {max_dets!r}")
     evaluators = {}
     for kind in ("bbox", "segm"):
         if not results:
@@ -499,7 +502,7 @@ def coco_evaluators(coco_gt, results, image_ids=None, max_dets=100) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes([dict(r) for r in results])
             evaluator = COCOeval(coco_gt, coco_dt, kind)
-            evaluator.params.maxDets = [1, 10, max_dets]
+            evaluator.params.maxDets = [min(1, max_dets), min(10, max_dets), max_dets]
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
@@ -655,7 +658,8 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path, title="") 
 
 def plot_pr_curves(coco_eval, names: dict, path, title="") -> None:
     """Precision against recall of each class at IoU 0.5 (area all, last maxDets), from COCOeval's
-    precision array, as a PNG. Classes without ground truth are left out."""
+    precision array, as a PNG, each labelled with its AP50 (the curve's mean). Classes without ground
+    truth are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -666,7 +670,8 @@ def plot_pr_curves(coco_eval, names: dict, path, title="") -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     for k, category_id in enumerate(coco_eval.params.catIds):
         if (precision[:, k] > -1).any():
-            ax.plot(recall, np.maximum(precision[:, k], 0), label=names.get(category_id, str(category_id)))
+            label = f"{names.get(category_id, str(category_id))} (AP50 {precision[:, k].mean():.3f})"
+            ax.plot(recall, np.maximum(precision[:, k], 0), label=label)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
@@ -766,10 +771,10 @@ def box_size_bins(anchor_sizes) -> list[tuple[str, float, float]]:
     overlaps a square box by IoU below 0.25."""
     sizes = list(anchor_sizes)
     edges = [sizes[0] / 2] + [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])] + [sizes[-1] * 2]
-    bins = [(f"< {edges[0]:g} (below P2/2)", 0.0, edges[0])]
+    bins = [("below P2/2", 0.0, edges[0])]
     bins += [(f"P{level + 2} ({size})", low, high)
              for level, (size, low, high) in enumerate(zip(sizes, edges, edges[1:]))]
-    return bins + [(f">= {edges[-1]:g} (above P{len(sizes) + 1}x2)", edges[-1], math.inf)]
+    return bins + [(f"above P{len(sizes) + 1}x2", edges[-1], math.inf)]
 
 
 def data_summary(datasets: dict, config) -> str:
@@ -820,14 +825,16 @@ def data_summary(datasets: dict, config) -> str:
         total = max(sum(histogram.values()), 1)
         lines.append(f"  box sizes sqrt(w * h) at the network input ({config.NAME}: IMAGE_MIN_DIM "
                      f"{config.IMAGE_MIN_DIM}, IMAGE_MAX_DIM {config.IMAGE_MAX_DIM}), by anchor size:")
-        for name, _, _ in bins:
+        for name, low, high in bins:
             n = histogram[name]
-            lines.append(f"    {name:28} {n:>7} {'#' * round(40 * n / total)}")
+            bar = "#" * round(40 * n / total)
+            lines.append(f"    {name:12} {f'[{low:.0f}, {high:.0f})':>12} {n:>7} {bar}".rstrip())
     return "\n".join(lines)
 
 
-def check_command(root, splits, config) -> int:
-    """`python coco.py check`: prints the summary and every problem; returns 1 when there are errors."""
+def check_command(root, splits, config, strict=False) -> int:
+    """`python coco.py check`: prints the summary and every problem; returns 1 when there are errors (with
+    `strict`, warnings too: what the loader would drop)."""
     datasets, problems = {}, []
     for split in splits:
         data, found = check_split(root, split, config.LABELS_ARE_CATEGORY_IDS)
@@ -840,7 +847,7 @@ def check_command(root, splits, config) -> int:
     for problem in problems:
         print(f"{problem.level} [{problem.code}] {problem}")
     print(f"{len(errors)} errors, {len(problems) - len(errors)} warnings in {', '.join(splits)}")
-    return 1 if errors else 0
+    return 1 if errors or (strict and problems) else 0
 
 
 ############################################################
@@ -1240,6 +1247,8 @@ def main(argv=None):
     ch.add_argument("--config", default="coco", help="preset whose anchor sizes, image size and label rule to "
                     "check against")
     ch.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ch.add_argument("--strict", action="store_true", help="exit code 1 on warnings too (objects the loader drops: "
+                    "empty boxes, polygons of fewer than 3 points)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "convert":
@@ -1250,7 +1259,7 @@ def main(argv=None):
         splits = [args.split] if args.split else dataset_splits(args.data)
         if not splits:
             raise SystemExit(f"--data {args.data} has no annotations/instances_<split>.json")
-        return check_command(args.data, splits, named_config(args.config).override(args.set))
+        return check_command(args.data, splits, named_config(args.config).override(args.set), args.strict)
 
     from config import named_config
     from model import MaskRCNN

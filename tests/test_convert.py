@@ -310,7 +310,8 @@ def test_classes_fix_the_category_order(tmp_path):
             assert data["categories"] == [{"id": i + 1, "name": n} for i, n in enumerate(expected)]
     assert_round_trip(samples, read_back(tmp_path / "a"), min_iou=1.0)  # labels follow the names
     with pytest.raises(ValueError, match=r"class 'star' \(in .*img\d\d\.png\) is not in --classes"):
-        convert("--format", "mask-png", "--input", source, "--out", tmp_path / "c", "--classes", "triangle,square,circle")
+        convert("--format", "mask-png", "--input", source, "--out", tmp_path / "c", "--classes",
+                "triangle,square,circle")
 
 
 def test_existing_output_is_refused_and_an_empty_one_filled(tmp_path):
