@@ -1,8 +1,11 @@
-"""COCO-format data (pycocotools): the training data set, its batch sampler, and evaluation with COCOeval.
+"""COCO-format data (pycocotools): the training data set, its batch sampler, evaluation with COCOeval
+(overall and per class, confusion matrix), checking a data set, and importing one from annotation tools.
 
 Layout, as COCO's: <data>/annotations/instances_<split>.json and the images in <data>/<split>/.
 
-    python coco.py evaluate --config coco --data /path/to/coco --weights runs/coco/last.pth
+    python coco.py evaluate --config coco --data /path/to/coco --weights runs/coco/last.pth [--max-dets 100]
+    python coco.py convert --format labelme|via|mask-png --input DIR --out DATA [--val-fraction 0.2] [--seed 0]
+    python coco.py check --data DATA [--split S] [--config NAME] [--strict]
 """
 
 import argparse
