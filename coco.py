@@ -313,14 +313,17 @@ def annotation_faults(ann: dict, height: int, width: int) -> list[tuple[str, str
     return faults
 
 
-def check_images(data: dict, image_dir: str, annotation_file: str) -> list[Problem]:
+def check_images(data: dict, image_dir: str, annotation_file: str, progress: bool = False) -> list[Problem]:
     """The faults of the image files of an annotation file's contents (`data`): each well-formed image
     entry's file (image_dir/file_name) is decoded by read_image, as the loader does, so the messages are
     the loader's. Errors, with the image file as Problem.file: "missing-image", "bad-image-file" (cannot
     be decoded) and "size-mismatch" (the file's size is not the entry's height and width). Entries
-    check_annotations refuses (no file_name, bad size) are left to it."""
+    check_annotations refuses (no file_name, bad size) are left to it. progress: a tqdm bar."""
+    from tqdm import tqdm
+
     problems = []
-    for info in data["images"]:
+    for info in tqdm(data["images"], desc=f"images of {os.path.basename(annotation_file)}", disable=not progress,
+                     leave=False):
         if not (isinstance(info, dict) and isinstance(info.get("file_name"), str)
                 and all(is_integer(info.get(k)) and info[k] > 0 for k in ("height", "width"))):
             continue
@@ -596,6 +599,10 @@ def confusion_matrix(coco_gt, results, iou: float = 0.5, min_score: float = 0.5,
     background = len(category_ids)
     matrix = np.zeros((background + 1, background + 1), np.int64)
     image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else list(image_ids)
+    unknown = {r["category_id"] for r in results} - set(index)
+    if unknown:
+        raise ValueError(f"results have category ids {sorted(unknown)[:10]}, which are not in the ground truth's "
+                         f"categories {category_ids[:20]}")
     predictions = collections.defaultdict(list)
     for r in results:
         if r["score"] >= min_score:
@@ -636,13 +643,11 @@ def confusion_table(matrix: np.ndarray, names: list[str]) -> str:
 
 def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path, title="") -> None:
     """The confusion matrix as a heat map (PNG), each cell with its count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend and figures stay as they are
 
     side = 2 + 0.45 * len(names)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=90)
     ax.set_yticks(range(len(names)), names)
@@ -656,21 +661,18 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path, title="") 
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_pr_curves(coco_eval, names: dict, path, title="") -> None:
     """Precision against recall of each class at IoU 0.5 (area all, last maxDets), from COCOeval's
     precision array, as a PNG, each labelled with its AP50 (the curve's mean). Classes without ground
     truth are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     precision = coco_eval.eval["precision"][iou_index(coco_eval, 0.5), :, :, 0, -1]  # (R, K)
     recall = coco_eval.params.recThrs
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     for k, category_id in enumerate(coco_eval.params.catIds):
         if (precision[:, k] > -1).any():
             label = f"{names.get(category_id, str(category_id))} (AP50 {precision[:, k].mean():.3f})"
@@ -684,16 +686,18 @@ def plot_pr_curves(coco_eval, names: dict, path, title="") -> None:
         ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def score(coco_gt, results, image_ids=None, max_dets=100) -> tuple[dict, str, dict]:
     """COCOeval of the results: (metrics, table, evaluators). metrics: {"bbox": {AP, ...}, "segm": {...},
-    "per_class": {"bbox": per_class_ap, "segm": ...}}; the table ends with the per-class one."""
+    "per_class": {"bbox": per_class_ap, "segm": ...}}; the table ends with the per-class one. Without
+    results every class with objects has AP 0 (as coco_summary's 0.0), the others None."""
     evaluators = coco_evaluators(coco_gt, results, image_ids, max_dets)
     metrics, table = coco_summary(evaluators)
     names = {c: coco_gt.cats[c].get("name", str(c)) for c in sorted(coco_gt.getCatIds())}
-    empty = {name: {"AP": 0.0, "AP50": 0.0} for name in names.values()}
+    ids = set(coco_gt.getImgIds() if image_ids is None else image_ids)
+    found = {a["category_id"] for a in coco_gt.dataset["annotations"] if a["image_id"] in ids and not a.get("iscrowd")}
+    empty = {name: dict.fromkeys(("AP", "AP50"), 0.0 if c in found else None) for c, name in names.items()}
     metrics["per_class"] = {kind: empty if e is None else per_class_ap(e, names) for kind, e in evaluators.items()}
     return metrics, f"{table}\nper class (%):\n{per_class_table(metrics['per_class'])}", evaluators
 
@@ -755,7 +759,7 @@ def dataset_splits(root) -> list[str]:
     return [n[len("instances_"):-len(".json")] for n in names if n.startswith("instances_") and n.endswith(".json")]
 
 
-def check_split(root, split, labels_are_category_ids=False) -> tuple[dict | None, list[Problem]]:
+def check_split(root, split, labels_are_category_ids=False, progress=False) -> tuple[dict | None, list[Problem]]:
     """One split's annotation file (None when it cannot be read) and all its Problems: check_annotations'
     and check_images'. A file that cannot be read at all is one error."""
     annotation_file = os.path.join(root, "annotations", f"instances_{split}.json")
@@ -764,7 +768,7 @@ def check_split(root, split, labels_are_category_ids=False) -> tuple[dict | None
     except (FileNotFoundError, ValueError) as error:
         return None, [Problem(annotation_file, None, None, "bad-file", str(error))]
     problems = check_annotations(data, annotation_file, labels_are_category_ids)
-    return data, problems + check_images(data, os.path.join(root, split), annotation_file)
+    return data, problems + check_images(data, os.path.join(root, split), annotation_file, progress)
 
 
 def box_size_bins(anchor_sizes) -> list[tuple[str, float, float]]:
@@ -840,7 +844,7 @@ def check_command(root, splits, config, strict=False) -> int:
     `strict`, warnings too: what the loader would drop)."""
     datasets, problems = {}, []
     for split in splits:
-        data, found = check_split(root, split, config.LABELS_ARE_CATEGORY_IDS)
+        data, found = check_split(root, split, config.LABELS_ARE_CATEGORY_IDS, progress=sys.stderr.isatty())
         problems += found
         if data is not None:
             datasets[split] = data
@@ -941,7 +945,8 @@ def read_labelme(input_dir) -> list[Sample]:
             data = json.load(f)
         if not isinstance(data, dict) or not isinstance(data.get("shapes"), list) or "imagePath" not in data:
             raise ValueError(f"{path} is not a labelme file: expected a JSON object with 'shapes' and 'imagePath'")
-        image = os.path.normpath(os.path.join(os.path.dirname(path), data["imagePath"]))
+        # labelme writes the path with the separators of the system it ran on.
+        image = os.path.normpath(os.path.join(os.path.dirname(path), str(data["imagePath"]).replace("\\", "/")))
         height, width = source_image(image, path)
         declared = (data.get("imageHeight"), data.get("imageWidth"))
         if None not in declared and tuple(declared) != (height, width):
@@ -1046,7 +1051,7 @@ def read_mask_pngs(input_dir) -> list[Sample]:
     if not os.path.isdir(image_dir) or not os.path.isdir(mask_dir):
         raise FileNotFoundError(f"--input {input_dir} for --format mask-png must hold {MASK_PNG_LAYOUT}")
     samples = []
-    for name in sorted(os.listdir(image_dir)):
+    for name in sorted(n for n in os.listdir(image_dir) if not n.startswith(".")):  # .DS_Store and the like
         image = os.path.join(image_dir, name)
         stem = os.path.splitext(name)[0]
         mask_path, table_path = os.path.join(mask_dir, f"{stem}.png"), os.path.join(mask_dir, f"{stem}.json")

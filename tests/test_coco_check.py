@@ -265,6 +265,10 @@ def test_per_class_ap_by_hand():
     assert metrics["bbox"]["AP"] == pytest.approx((51 / 101 + 3 / 10) / 2)  # COCO's AP: the mean over classes
     assert table.splitlines()[-3].split() == ["cat", "50.5", "50.5", "50.5", "50.5"]
     assert table.splitlines()[-1].split() == ["bird", "-", "-", "-", "-"]
+    # Without any detection: 0 for the classes with objects, None for the others.
+    metrics, _, _ = coco.score(gt, [])
+    assert metrics["per_class"]["bbox"] == {"cat": {"AP": 0.0, "AP50": 0.0}, "dog": {"AP": 0.0, "AP50": 0.0},
+                                            "bird": {"AP": None, "AP50": None}}
 
 
 def test_max_dets_limits_the_detections_scored():

@@ -326,3 +326,18 @@ def test_existing_output_is_refused_and_an_empty_one_filled(tmp_path):
     convert("--format", "mask-png", "--input", source, "--out", tmp_path / "empty")
     assert sorted(os.listdir(tmp_path / "empty")) == ["annotations", "train", "val"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".convert-")]  # no temporary folder left
+
+
+def test_labelme_image_paths_from_windows_and_subfolders(tmp_path):
+    source = tmp_path / "labelme"
+    (source / "images").mkdir(parents=True)
+    (source / "json").mkdir()
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(source / "images" / "a.png")
+    data = {"shapes": [labelme_shape("box", [[2, 3], [10, 8]], "rectangle")], "imagePath": "..\\images\\a.png",
+            "imageHeight": SIZE, "imageWidth": SIZE}
+    (source / "json" / "a.json").write_text(json.dumps(data))
+    out = tmp_path / "data"
+    convert("--format", "labelme", "--input", source, "--out", out, "--val-fraction", 0)
+    [(_, mask)] = read_back(out)["images/a.png"]  # the path under --input, kept in the split folder
+    assert np.array_equal(mask, rectangle(3, 8, 2, 10))
+    assert (out / "train" / "images" / "a.png").exists()
