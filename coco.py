@@ -918,6 +918,18 @@ def source_image(path, source) -> tuple[int, int]:
         raise ValueError(f"{source}: {error}") from error
 
 
+def read_json_object(path) -> dict:
+    """A JSON file holding an object, with errors that name the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}; got a {type(data).__name__}")
+    return data
+
+
 def labelme_shape(shape: dict) -> list[float] | None:
     """One labelme shape as a flat polygon (rectangle: its 4 corners; circle: centre and a point on it),
     None for the kinds that are not regions (point, line, linestrip, ...)."""
@@ -941,9 +953,8 @@ def read_labelme(input_dir) -> list[Sample]:
     image is imagePath relative to the JSON file. Other shape kinds are skipped with a counted warning."""
     samples, skipped = [], collections.Counter()
     for path in sorted(glob.glob(os.path.join(input_dir, "**", "*.json"), recursive=True)):
-        with open(path) as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or not isinstance(data.get("shapes"), list) or "imagePath" not in data:
+        data = read_json_object(path)
+        if not isinstance(data.get("shapes"), list) or "imagePath" not in data:
             raise ValueError(f"{path} is not a labelme file: expected a JSON object with 'shapes' and 'imagePath'")
         # labelme writes the path with the separators of the system it ran on.
         image = os.path.normpath(os.path.join(os.path.dirname(path), str(data["imagePath"]).replace("\\", "/")))
@@ -1010,9 +1021,8 @@ def read_via(input_dir, class_attribute) -> list[Sample]:
                          "class name")
     samples, skipped = [], collections.Counter()
     for path in sorted(glob.glob(os.path.join(input_dir, "*.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        metadata = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
+        data = read_json_object(path)
+        metadata = data.get("_via_img_metadata", data)
         if not isinstance(metadata, dict) or not all(isinstance(e, dict) and "filename" in e
                                                      for e in metadata.values()):
             raise ValueError(f"{path} is not a VIA 2.x project: expected '_via_img_metadata' (or the export) "
@@ -1070,8 +1080,7 @@ def read_mask_pngs(input_dir) -> list[Sample]:
         if present:
             if not os.path.isfile(table_path):
                 raise FileNotFoundError(f"{mask_path} has instances {present[:10]} but no class table {table_path}")
-            with open(table_path) as f:
-                table = json.load(f)
+            table = read_json_object(table_path)
         unnamed = [i for i in present if not isinstance(table.get(str(i)), str)]
         if unnamed:
             raise ValueError(f"{table_path} names no class for instance ids {unnamed[:10]} of {mask_path}; expected "

@@ -264,6 +264,9 @@ def test_mask_png_with_an_instance_the_table_does_not_name(tmp_path):
     (source / "masks" / "img00.json").write_text(json.dumps({"1": "square"}))
     with pytest.raises(ValueError, match=r"img00\.json names no class for instance ids \[2"):
         convert("--format", "mask-png", "--input", source, "--out", tmp_path / "data")
+    (source / "masks" / "img00.json").write_text('["square", "circle"]')
+    with pytest.raises(ValueError, match=r"img00\.json must hold a JSON object \{...\}; got a list"):
+        convert("--format", "mask-png", "--input", source, "--out", tmp_path / "data")
 
 
 # ----------------------------------------------------------------------------------------------------
