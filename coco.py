@@ -1,19 +1,27 @@
-"""COCO-format data (pycocotools): the training data set, its batch sampler, and evaluation with COCOeval.
+"""COCO-format data (pycocotools): the training data set, its batch sampler, evaluation with COCOeval
+(overall and per class, confusion matrix), checking a data set, and importing one from annotation tools.
 
 Layout, as COCO's: <data>/annotations/instances_<split>.json and the images in <data>/<split>/.
 
-    python coco.py evaluate --config coco --data /path/to/coco --weights runs/coco/last.pth
+    python coco.py evaluate --config coco --data /path/to/coco --weights runs/coco/last.pth [--max-dets 100]
+    python coco.py convert --format labelme|via|mask-png --input DIR --out DATA [--val-fraction 0.2] [--seed 0]
+    python coco.py check --data DATA [--split S] [--config NAME] [--strict]
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import glob
 import io
 import itertools
 import json
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -101,12 +109,8 @@ class CocoDataset(torch.utils.data.Dataset):
         index, hflip = key if isinstance(key, tuple) else (key, False)
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        path = os.path.join(self.image_dir, info["file_name"])
-        image = utils.load_image(path)
+        image = read_image(os.path.join(self.image_dir, info["file_name"]), info, self.annotation_file)
         height, width = info["height"], info["width"]
-        if image.shape[:2] != (height, width):
-            raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {self.annotation_file} "
-                             f"says {width}x{height}")
         objects = self.objects[image_id]
         boxes = torch.tensor([box for box, _ in objects], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.category_to_label[ann["category_id"]] for _, ann in objects], dtype=torch.int64)
@@ -121,6 +125,22 @@ class CocoDataset(torch.utils.data.Dataset):
         target = {"boxes": boxes, "labels": labels, "masks": torch.from_numpy(np.ascontiguousarray(masks)),
                   "crowd_boxes": crowd_boxes, "image_id": image_id}
         return utils.image_to_tensor(np.ascontiguousarray(image)), target
+
+
+class ImageSizeMismatch(ValueError):
+    """An image file whose size is not the one its annotation file gives."""
+
+
+def read_image(path, info: dict, annotation_file: str) -> np.ndarray:
+    """The image of an annotation file's image entry `info` (height, width) as HxWx3 uint8 RGB. Raises
+    FileNotFoundError (missing) or ValueError (undecodable; ImageSizeMismatch: not info's size), naming
+    the file: the loader raises these when it reads the image, and check_images reports them."""
+    image = utils.load_image(path)
+    height, width = info["height"], info["width"]
+    if image.shape[:2] != (height, width):
+        raise ImageSizeMismatch(f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {annotation_file} "
+                                f"says {width}x{height}")
+    return image
 
 
 def flip_boxes(boxes, width):
@@ -293,6 +313,32 @@ def annotation_faults(ann: dict, height: int, width: int) -> list[tuple[str, str
     return faults
 
 
+def check_images(data: dict, image_dir: str, annotation_file: str, progress: bool = False) -> list[Problem]:
+    """The faults of the image files of an annotation file's contents (`data`): each well-formed image
+    entry's file (image_dir/file_name) is decoded by read_image, as the loader does, so the messages are
+    the loader's. Errors, with the image file as Problem.file: "missing-image", "bad-image-file" (cannot
+    be decoded) and "size-mismatch" (the file's size is not the entry's height and width). Entries
+    check_annotations refuses (no file_name, bad size) are left to it. progress: a tqdm bar."""
+    from tqdm import tqdm
+
+    problems = []
+    for info in tqdm(data["images"], desc=f"images of {os.path.basename(annotation_file)}", disable=not progress,
+                     leave=False):
+        if not (isinstance(info, dict) and isinstance(info.get("file_name"), str)
+                and all(is_integer(info.get(k)) and info[k] > 0 for k in ("height", "width"))):
+            continue
+        path = os.path.join(image_dir, info["file_name"])
+        try:
+            read_image(path, info, annotation_file)
+        except FileNotFoundError as error:
+            problems.append(Problem(path, info.get("id"), None, "missing-image", str(error)))
+        except ImageSizeMismatch as error:
+            problems.append(Problem(path, info.get("id"), None, "size-mismatch", str(error)))
+        except ValueError as error:
+            problems.append(Problem(path, info.get("id"), None, "bad-image-file", str(error)))
+    return problems
+
+
 # What the loader drops, by Problem code, as its log line says it.
 DROPPED = {
     "empty-box": "dropped {n} of {total} annotations whose box has no width or height inside its image",
@@ -447,21 +493,38 @@ def detections_to_coco(output, image_id, label_to_category, mask_threshold):
     return results
 
 
-def coco_metrics(coco_gt, results, image_ids=None):
-    """COCOeval for bbox and segm. Returns ({"bbox": {AP, AP50, ...}, "segm": {...}}, printable table)."""
-    metrics, table = {}, []
+def coco_evaluators(coco_gt, results, image_ids=None, max_dets=100) -> dict:
+    """COCOeval for bbox and segm, evaluated and accumulated: {kind: COCOeval, or None without results
+    (pycocotools cannot load an empty result list)}. max_dets: the detections per image scored, COCOeval's
+    last maxDets; the others stay 1 and 10, or max_dets if lower (COCOeval sorts them, and summarize
+    reads the last for AP)."""
+    if not is_integer(max_dets) or max_dets < 1:
+        raise ValueError(f"max_dets (--max-dets) must be an integer >= 1; got {max_dets!r}")
+    evaluators = {}
     for kind in ("bbox", "segm"):
-        if not results:  # pycocotools cannot load an empty result list
-            metrics[kind] = dict.fromkeys(STAT_NAMES, 0.0)
-            table.append(f"{kind}: no detections")
+        if not results:
+            evaluators[kind] = None
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes([dict(r) for r in results])
             evaluator = COCOeval(coco_gt, coco_dt, kind)
+            evaluator.params.maxDets = [min(1, max_dets), min(10, max_dets), max_dets]
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
+        evaluators[kind] = evaluator
+    return evaluators
+
+
+def coco_summary(evaluators: dict) -> tuple[dict, str]:
+    """COCOeval's 12 numbers of each evaluator: ({"bbox": {AP, AP50, ...}, "segm": {...}}, printable table)."""
+    metrics, table = {}, []
+    for kind, evaluator in evaluators.items():
+        if evaluator is None:
+            metrics[kind] = dict.fromkeys(STAT_NAMES, 0.0)
+            table.append(f"{kind}: no detections")
+            continue
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
             evaluator.summarize()
@@ -470,11 +533,179 @@ def coco_metrics(coco_gt, results, image_ids=None):
     return metrics, "\n".join(table)
 
 
+def coco_metrics(coco_gt, results, image_ids=None, max_dets=100):
+    """COCOeval for bbox and segm. Returns ({"bbox": {AP, AP50, ...}, "segm": {...}}, printable table)."""
+    return coco_summary(coco_evaluators(coco_gt, results, image_ids, max_dets))
+
+
+def iou_index(coco_eval, iou: float) -> int:
+    index = np.flatnonzero(np.isclose(coco_eval.params.iouThrs, iou))
+    if not len(index):
+        raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds {coco_eval.params.iouThrs.tolist()}")
+    return int(index[0])
+
+
+def per_class_ap(coco_eval, names: dict) -> dict:
+    """AP and AP50 of each class from an accumulated COCOeval's precision array [T, R, K, A, M] (IoU
+    thresholds, recall points, classes, area ranges, maxDets): AP the mean over the IoU thresholds
+    0.5:0.95 and the 101 recall points, AP50 the mean over the recall points at IoU 0.5, both for area
+    "all" and the last maxDets, as COCOeval.summarize averages over all classes. A class without
+    ground truth in the images evaluated has None (COCOeval's -1).
+
+    names: {category id: class name}. Returns {name: {"AP": float or None, "AP50": float or None}} in
+    COCOeval's category order (params.catIds).
+    """
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
+    at_50 = iou_index(coco_eval, 0.5)
+    table = {}
+    for k, category_id in enumerate(coco_eval.params.catIds):
+        values = {"AP": precision[:, :, k], "AP50": precision[at_50, :, k]}
+        table[names.get(category_id, str(category_id))] = {
+            key: float(v[v > -1].mean()) if (v > -1).any() else None for key, v in values.items()}
+    return table
+
+
+def per_class_table(per_class: dict) -> str:
+    """{kind: per_class_ap} as text: a row per class, AP and AP50 of each kind (in %; "-": no ground truth)."""
+    kinds = list(per_class)
+    names = list(next(iter(per_class.values()), {}))
+    width = max([len("class"), *map(len, names)])
+    lines = [f"{'class':{width}} " + " ".join(f"{f'{kind} AP':>9} {f'{kind} AP50':>10}" for kind in kinds)]
+    for name in names:
+        cells = []
+        for kind in kinds:
+            row = per_class[kind][name]
+            cells += [f"{'-' if row[key] is None else f'{100 * row[key]:.1f}':>{w}}"
+                      for key, w in (("AP", 9), ("AP50", 10))]
+        lines.append(f"{name:{width}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def confusion_matrix(coco_gt, results, iou: float = 0.5, min_score: float = 0.5, image_ids=None) -> np.ndarray:
+    """Counts of ground truth against predictions, background included, by box IoU.
+
+    In each image the predictions with score >= min_score are taken in decreasing score order, and each
+    is matched to the not yet matched ground-truth object (of any class) with which its box has the
+    highest IoU, if that IoU is >= iou. A match counts at [true class, predicted class], a prediction
+    left unmatched at [background, predicted class], an object left unmatched at [true class,
+    background]. Crowd regions are not objects (they are left out).
+
+    coco_gt: pycocotools COCO; results: COCO results (image_id, category_id, bbox [x, y, w, h], score).
+    Returns [K + 1, K + 1] int64: rows ground truth, columns predictions, in sorted category-id order
+    with the background last.
+    """
+    category_ids = sorted(coco_gt.getCatIds())
+    index = {c: i for i, c in enumerate(category_ids)}
+    background = len(category_ids)
+    matrix = np.zeros((background + 1, background + 1), np.int64)
+    image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else list(image_ids)
+    unknown = {r["category_id"] for r in results} - set(index)
+    if unknown:
+        raise ValueError(f"results have category ids {sorted(unknown)[:10]}, which are not in the ground truth's "
+                         f"categories {category_ids[:20]}")
+    predictions = collections.defaultdict(list)
+    for r in results:
+        if r["score"] >= min_score:
+            predictions[r["image_id"]].append(r)
+    for image_id in image_ids:
+        gts = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        dts = sorted(predictions.get(image_id, []), key=lambda r: -r["score"])
+        if gts and dts:
+            ious = np.asarray(coco_mask.iou([d["bbox"] for d in dts], [g["bbox"] for g in gts], [0] * len(gts)))
+        matched = np.zeros(len(gts), bool)
+        for d, dt in enumerate(dts):
+            g = -1
+            if gts:
+                candidates = np.where(matched, -1.0, ious[d])  # (G,)
+                g = int(candidates.argmax())
+                if candidates[g] < iou:
+                    g = -1
+            if g >= 0:
+                matched[g] = True
+                matrix[index[gts[g]["category_id"]], index[dt["category_id"]]] += 1
+            else:
+                matrix[background, index[dt["category_id"]]] += 1
+        for g in np.flatnonzero(~matched):
+            matrix[index[gts[g]["category_id"]], background] += 1
+    return matrix
+
+
+def confusion_table(matrix: np.ndarray, names: list[str]) -> str:
+    """The confusion matrix as text: rows ground truth, columns predictions (names: the classes, then
+    background)."""
+    corner = "truth \\ predicted"
+    width = max(len(corner), *map(len, names))
+    cell = max(7, *(len(n) for n in names))
+    lines = [f"{corner:{width}} " + " ".join(f"{n:>{cell}}" for n in names)]
+    lines += [f"{name:{width}} " + " ".join(f"{v:>{cell}}" for v in row) for name, row in zip(names, matrix.tolist())]
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path, title="") -> None:
+    """The confusion matrix as a heat map (PNG), each cell with its count."""
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend and figures stay as they are
+
+    side = 2 + 0.45 * len(names)
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    top = matrix.max() if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        ax.text(column, row, str(value), ha="center", va="center", fontsize=8,
+                color="white" if top and value > top / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_pr_curves(coco_eval, names: dict, path, title="") -> None:
+    """Precision against recall of each class at IoU 0.5 (area all, last maxDets), from COCOeval's
+    precision array, as a PNG, each labelled with its AP50 (the curve's mean). Classes without ground
+    truth are left out."""
+    from matplotlib.figure import Figure
+
+    precision = coco_eval.eval["precision"][iou_index(coco_eval, 0.5), :, :, 0, -1]  # (R, K)
+    recall = coco_eval.params.recThrs
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    for k, category_id in enumerate(coco_eval.params.catIds):
+        if (precision[:, k] > -1).any():
+            label = f"{names.get(category_id, str(category_id))} (AP50 {precision[:, k].mean():.3f})"
+            ax.plot(recall, np.maximum(precision[:, k], 0), label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def score(coco_gt, results, image_ids=None, max_dets=100) -> tuple[dict, str, dict]:
+    """COCOeval of the results: (metrics, table, evaluators). metrics: {"bbox": {AP, ...}, "segm": {...},
+    "per_class": {"bbox": per_class_ap, "segm": ...}}; the table ends with the per-class one. Without
+    results every class with objects has AP 0 (as coco_summary's 0.0), the others None."""
+    evaluators = coco_evaluators(coco_gt, results, image_ids, max_dets)
+    metrics, table = coco_summary(evaluators)
+    names = {c: coco_gt.cats[c].get("name", str(c)) for c in sorted(coco_gt.getCatIds())}
+    ids = set(coco_gt.getImgIds() if image_ids is None else image_ids)
+    found = {a["category_id"] for a in coco_gt.dataset["annotations"] if a["image_id"] in ids and not a.get("iscrowd")}
+    empty = {name: dict.fromkeys(("AP", "AP50"), 0.0 if c in found else None) for c, name in names.items()}
+    metrics["per_class"] = {kind: empty if e is None else per_class_ap(e, names) for kind, e in evaluators.items()}
+    return metrics, f"{table}\nper class (%):\n{per_class_table(metrics['per_class'])}", evaluators
+
+
 @torch.no_grad()
-def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, progress=True):
-    """Runs the model on the data set (split among the processes under torch.distributed) and scores it
-    with COCOeval on the first process. Returns (metrics, table, results); the other processes get
-    (None, None, None)."""
+def predict(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, progress=True):
+    """The model's detections on the data set (its first `limit` images) as COCO results, split among the
+    processes under torch.distributed and gathered: the first process gets them all, the others None."""
     from tqdm import tqdm
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -484,7 +715,6 @@ def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, 
     model.eval()
     config = model.module.config if hasattr(model, "module") else model.config
     results = []
-    started = time.perf_counter()
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     for batch in tqdm(batches, desc="evaluate", disable=not progress or rank != 0, leave=False):
         items = [dataset[i] for i in batch]
@@ -499,12 +729,487 @@ def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, 
         gathered = [None] * world_size
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    if rank != 0:
+    return results if rank == 0 else None
+
+
+def evaluate(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, progress=True, max_dets=100):
+    """Runs the model on the data set (split among the processes under torch.distributed) and scores it
+    with COCOeval on the first process (score: the 12 numbers and AP per class). Returns (metrics, table,
+    results); the other processes get (None, None, None)."""
+    started = time.perf_counter()
+    results = predict(model, dataset, batch_size, device, limit, amp, progress)
+    if results is None:
         return None, None, None
-    image_ids = [dataset.image_ids[i] for i in indices]
-    metrics, table = coco_metrics(dataset.coco, results, image_ids)
-    logger.info("evaluated %d images in %.1f s", len(indices), time.perf_counter() - started)
+    image_ids = dataset.image_ids[: len(dataset) if limit is None else limit]
+    metrics, table, _ = score(dataset.coco, results, image_ids, max_dets)
+    logger.info("evaluated %d images in %.1f s", len(image_ids), time.perf_counter() - started)
     return metrics, table, results
+
+
+
+############################################################
+#  Checking a data set (python coco.py check)
+############################################################
+
+
+def dataset_splits(root) -> list[str]:
+    """The splits of a data folder: the <split> of every annotations/instances_<split>.json, sorted."""
+    folder = os.path.join(root, "annotations")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [n[len("instances_"):-len(".json")] for n in names if n.startswith("instances_") and n.endswith(".json")]
+
+
+def check_split(root, split, labels_are_category_ids=False, progress=False) -> tuple[dict | None, list[Problem]]:
+    """One split's annotation file (None when it cannot be read) and all its Problems: check_annotations'
+    and check_images'. A file that cannot be read at all is one error."""
+    annotation_file = os.path.join(root, "annotations", f"instances_{split}.json")
+    try:
+        data = read_annotation_file(annotation_file)
+    except (FileNotFoundError, ValueError) as error:
+        return None, [Problem(annotation_file, None, None, "bad-file", str(error))]
+    problems = check_annotations(data, annotation_file, labels_are_category_ids)
+    return data, problems + check_images(data, os.path.join(root, split), annotation_file, progress)
+
+
+def box_size_bins(anchor_sizes) -> list[tuple[str, float, float]]:
+    """(name, low, high) bins of box size sqrt(w * h) in network-input pixels, one per anchor size,
+    split at the geometric mean of neighbouring sizes (the level whose anchor fits a box best), plus
+    one below half the smallest anchor and one above twice the largest: there even the best anchor
+    overlaps a square box by IoU below 0.25."""
+    sizes = list(anchor_sizes)
+    edges = [sizes[0] / 2] + [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])] + [sizes[-1] * 2]
+    bins = [("below P2/2", 0.0, edges[0])]
+    bins += [(f"P{level + 2} ({size})", low, high)
+             for level, (size, low, high) in enumerate(zip(sizes, edges, edges[1:]))]
+    return bins + [(f"above P{len(sizes) + 1}x2", edges[-1], math.inf)]
+
+
+def data_summary(datasets: dict, config) -> str:
+    """Text tables of a data set's splits (`datasets`: {split: annotation file contents}, well-formed):
+    objects per class and split, image sizes, objects per image, and a histogram of box sizes
+    sqrt(w * h) at the network's input size (each image resized by model.resize_scale with the config's
+    IMAGE_MIN_DIM and IMAGE_MAX_DIM) in bins around the config's ANCHOR_SIZES (box_size_bins).
+    Crowd regions are not counted as objects."""
+    from model import resize_scale
+
+    names = {}
+    for data in datasets.values():
+        names.update({c["id"]: c.get("name", str(c["id"])) for c in data["categories"] if isinstance(c, dict)})
+    splits = list(datasets)
+    counts = {split: collections.Counter(a.get("category_id") for a in data["annotations"]
+                                         if isinstance(a, dict) and not a.get("iscrowd", 0))
+              for split, data in datasets.items()}
+    width = max([len("class"), *(len(str(n)) for n in names.values())])
+    lines = ["objects per class:", f"  {'id':>5} {'class':{width}} " + " ".join(f"{s:>10}" for s in splits)]
+    for category_id in sorted(names, key=str):
+        row = " ".join(f"{counts[s][category_id]:>10}" for s in splits)
+        lines.append(f"  {category_id:>5} {names[category_id]:{width}} {row}")
+    bins = box_size_bins(config.ANCHOR_SIZES)
+    for split, data in datasets.items():
+        images = {i["id"]: i for i in data["images"] if isinstance(i, dict) and "id" in i}
+        lines.append(f"{split}: {len(images)} images, {sum(counts[split].values())} objects")
+        if not images:
+            continue
+        for axis in ("width", "height"):
+            values = [i[axis] for i in images.values() if is_integer(i.get(axis))]
+            if values:
+                lines.append(f"  image {axis}: min {min(values)}, median {np.median(values):g}, max {max(values)}")
+        per_image = collections.Counter(a.get("image_id") for a in data["annotations"]
+                                        if isinstance(a, dict) and not a.get("iscrowd", 0))
+        objects = [per_image[i] for i in images]
+        lines.append(f"  objects per image: min {min(objects)}, median {np.median(objects):g}, max {max(objects)}, "
+                     f"{objects.count(0)} images without any")
+        histogram = collections.Counter()
+        for ann in data["annotations"]:
+            info = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
+            bbox = ann.get("bbox") if info else None
+            if not (isinstance(bbox, list) and len(bbox) == 4 and is_integer(info.get("height"))
+                    and is_integer(info.get("width")) and not ann.get("iscrowd", 0)):
+                continue
+            scale = resize_scale(info["height"], info["width"], config.IMAGE_MIN_DIM, config.IMAGE_MAX_DIM)
+            size = math.sqrt(max(bbox[2], 0) * max(bbox[3], 0)) * scale
+            histogram[next(name for name, low, high in bins if low <= size < high)] += 1
+        total = max(sum(histogram.values()), 1)
+        lines.append(f"  box sizes sqrt(w * h) at the network input ({config.NAME}: IMAGE_MIN_DIM "
+                     f"{config.IMAGE_MIN_DIM}, IMAGE_MAX_DIM {config.IMAGE_MAX_DIM}), by anchor size:")
+        for name, low, high in bins:
+            n = histogram[name]
+            bar = "#" * round(40 * n / total)
+            lines.append(f"    {name:12} {f'[{low:.0f}, {high:.0f})':>12} {n:>7} {bar}".rstrip())
+    return "\n".join(lines)
+
+
+def check_command(root, splits, config, strict=False) -> int:
+    """`python coco.py check`: prints the summary and every problem; returns 1 when there are errors (with
+    `strict`, warnings too: what the loader would drop)."""
+    datasets, problems = {}, []
+    for split in splits:
+        data, found = check_split(root, split, config.LABELS_ARE_CATEGORY_IDS, progress=sys.stderr.isatty())
+        problems += found
+        if data is not None:
+            datasets[split] = data
+    if datasets:
+        print(data_summary(datasets, config))
+    errors = [p for p in problems if p.level == "error"]
+    for problem in problems:
+        print(f"{problem.level} [{problem.code}] {problem}")
+    print(f"{len(errors)} errors, {len(problems) - len(errors)} warnings in {', '.join(splits)}")
+    return 1 if errors or (strict and problems) else 0
+
+
+############################################################
+#  Import: labelme, VIA and instance-id PNGs (python coco.py convert)
+############################################################
+
+# Circles and ellipses become polygons of this many points on the curve: the inscribed 64-gon covers
+# 64 sin(2 pi / 64) / (2 pi) = 99.8% of the area, whatever the radius.
+CURVE_POINTS = 64
+
+# The mask-png format, as its errors and --help state it.
+MASK_PNG_LAYOUT = ("images/<name>.<ext> (any image), masks/<stem>.png (one instance id per pixel, 0 the "
+                   "background; 8 or 16 bits, one channel) and masks/<stem>.json "
+                   '({"<instance id>": "<class name>", ...})')
+
+
+@dataclasses.dataclass
+class Sample:
+    """One image of a data set being imported.
+
+    objects: [(class name, segmentation)], segmentation COCO polygons [[x1, y1, x2, y2, ...], ...] in
+    pixels or an RLE dict (utils.mask_to_rle). source: the file it was read from, for errors.
+    """
+
+    path: str
+    file_name: str
+    height: int
+    width: int
+    objects: list
+    source: str
+
+
+def ellipse_polygon(cx, cy, rx, ry, theta=0.0) -> list[float]:
+    """An ellipse centred at (cx, cy) with radii rx, ry, rotated by theta (radians, clockwise on the
+    image since y points down), as a flat polygon of CURVE_POINTS points on it."""
+    t = np.arange(CURVE_POINTS) * 2 * math.pi / CURVE_POINTS
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    xs = cx + x * math.cos(theta) - y * math.sin(theta)
+    ys = cy + x * math.sin(theta) + y * math.cos(theta)
+    return np.stack([xs, ys], axis=1).reshape(-1).tolist()
+
+
+def rectangle_polygon(x1, y1, x2, y2) -> list[float]:
+    return [x1, y1, x2, y1, x2, y2, x1, y2]
+
+
+def relative_name(path, root) -> str:
+    """The file name an image keeps in the split folder: its path under the input folder (subfolders
+    kept, so that equal names in different folders stay apart), or its bare name if it lies elsewhere."""
+    relative = os.path.relpath(path, root)
+    return os.path.basename(path) if relative.startswith("..") else relative.replace(os.sep, "/")
+
+
+def source_image(path, source) -> tuple[int, int]:
+    """(height, width) of an image named by an annotation file, with an error naming both if missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{source}: image file not found: {path}")
+    try:
+        return utils.image_size(path)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def read_json_object(path) -> dict:
+    """A JSON file holding an object, with errors that name the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}; got a {type(data).__name__}")
+    return data
+
+
+def labelme_shape(shape: dict) -> list[float] | None:
+    """One labelme shape as a flat polygon (rectangle: its 4 corners; circle: centre and a point on it),
+    None for the kinds that are not regions (point, line, linestrip, ...)."""
+    kind = shape.get("shape_type") or "polygon"
+    points = [(float(x), float(y)) for x, y in shape["points"]]
+    if kind == "polygon":
+        return [v for point in points for v in point]
+    if kind == "rectangle":
+        (x1, y1), (x2, y2) = points
+        return rectangle_polygon(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    if kind == "circle":
+        (cx, cy), (px, py) = points
+        radius = math.hypot(px - cx, py - cy)
+        return ellipse_polygon(cx, cy, radius, radius)
+    return None
+
+
+def read_labelme(input_dir) -> list[Sample]:
+    """Every labelme JSON file under input_dir (recursively): polygon, rectangle and circle shapes;
+    shapes with one group_id (and label) are one object, every other shape an object of its own. The
+    image is imagePath relative to the JSON file. Other shape kinds are skipped with a counted warning."""
+    samples, skipped = [], collections.Counter()
+    for path in sorted(glob.glob(os.path.join(input_dir, "**", "*.json"), recursive=True)):
+        data = read_json_object(path)
+        if not isinstance(data.get("shapes"), list) or "imagePath" not in data:
+            raise ValueError(f"{path} is not a labelme file: expected a JSON object with 'shapes' and 'imagePath'")
+        # labelme writes the path with the separators of the system it ran on.
+        image = os.path.normpath(os.path.join(os.path.dirname(path), str(data["imagePath"]).replace("\\", "/")))
+        height, width = source_image(image, path)
+        declared = (data.get("imageHeight"), data.get("imageWidth"))
+        if None not in declared and tuple(declared) != (height, width):
+            raise ValueError(f"{path}: imageHeight x imageWidth is {declared[0]}x{declared[1]} but {image} is "
+                             f"{height}x{width}")
+        objects = {}  # key: the group, or the shape itself when it has none -> (label, polygons)
+        for j, shape in enumerate(data["shapes"]):
+            try:
+                polygon = labelme_shape(shape)
+                label = shape["label"]
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}: shapes[{j}] is not a labelme shape with 'label', 'points' "
+                                 f"[[x, y], ...] and 'shape_type' ({error!r})") from error
+            if polygon is None:
+                skipped[shape.get("shape_type")] += 1
+                continue
+            group = shape.get("group_id")
+            key = ("group", group) if group is not None else ("shape", j)
+            if key in objects and objects[key][0] != label:
+                raise ValueError(f"{path}: shapes[{j}] has group_id {group} with label {label!r}, but an earlier "
+                                 f"shape of that group has {objects[key][0]!r}; one group is one object")
+            objects.setdefault(key, (label, []))[1].append(polygon)
+        samples.append(Sample(image, relative_name(image, input_dir), height, width, list(objects.values()), path))
+    if skipped:
+        logger.warning("skipped labelme shapes that are not regions: %s", dict(skipped))
+    return samples
+
+
+def via_region(shape: dict) -> list[float] | None:
+    """One VIA region's shape_attributes as a flat polygon, None for points and polylines."""
+    name = shape.get("name")
+    if name == "polygon":
+        return [float(v) for xy in zip(shape["all_points_x"], shape["all_points_y"]) for v in xy]
+    if name == "rect":
+        x, y, w, h = (float(shape[k]) for k in ("x", "y", "width", "height"))
+        return rectangle_polygon(x, y, x + w, y + h)
+    if name == "circle":
+        return ellipse_polygon(float(shape["cx"]), float(shape["cy"]), float(shape["r"]), float(shape["r"]))
+    if name == "ellipse":
+        return ellipse_polygon(float(shape["cx"]), float(shape["cy"]), float(shape["rx"]), float(shape["ry"]),
+                               float(shape.get("theta", 0.0)))
+    return None
+
+
+def via_class(attributes, class_attribute):
+    """A region's class: its attribute `class_attribute`, a text or (checkboxes) the one key set true."""
+    value = attributes.get(class_attribute) if isinstance(attributes, dict) else None
+    if isinstance(value, dict):
+        chosen = [k for k, v in value.items() if v]
+        value = chosen[0] if len(chosen) == 1 else None
+    return value if isinstance(value, str) and value else None
+
+
+def read_via(input_dir, class_attribute) -> list[Sample]:
+    """The VIA 2.x project files (*.json) in input_dir: polygon, rect, circle and ellipse regions, each one
+    object of the class in its region attribute `class_attribute`. Images are the project's file names
+    in input_dir. A project saved by VIA ({"_via_img_metadata": ...}) and VIA's annotation export (that
+    dict alone) are both read. Points and polylines are skipped with a counted warning."""
+    if not class_attribute:
+        raise ValueError("--class-attribute is required for --format via: the region attribute that holds the "
+                         "class name")
+    samples, skipped = [], collections.Counter()
+    for path in sorted(glob.glob(os.path.join(input_dir, "*.json"))):
+        data = read_json_object(path)
+        metadata = data.get("_via_img_metadata", data)
+        if not isinstance(metadata, dict) or not all(isinstance(e, dict) and "filename" in e
+                                                     for e in metadata.values()):
+            raise ValueError(f"{path} is not a VIA 2.x project: expected '_via_img_metadata' (or the export) "
+                             "mapping keys to {'filename', 'regions', ...}")
+        for entry in metadata.values():
+            image = os.path.join(input_dir, entry["filename"])
+            height, width = source_image(image, path)
+            regions = entry.get("regions") or []
+            objects = []
+            for j, region in enumerate(regions.values() if isinstance(regions, dict) else regions):
+                where = f"{path}: {entry['filename']}, regions[{j}]"
+                try:
+                    polygon = via_region(region["shape_attributes"])
+                except (KeyError, TypeError, ValueError) as error:
+                    raise ValueError(f"{where}: shape_attributes are not a VIA region ({error!r})") from error
+                if polygon is None:
+                    skipped[region["shape_attributes"].get("name")] += 1
+                    continue
+                label = via_class(region.get("region_attributes"), class_attribute)
+                if label is None:
+                    raise ValueError(f"{where}: region attribute {class_attribute!r} must be a class name; got "
+                                     f"{str(region.get('region_attributes'))[:80]} (--class-attribute)")
+                objects.append((label, [polygon]))
+            samples.append(Sample(image, relative_name(image, input_dir), height, width, objects, path))
+    if skipped:
+        logger.warning("skipped VIA regions that are not areas: %s", dict(skipped))
+    return samples
+
+
+def read_mask_pngs(input_dir) -> list[Sample]:
+    """Instance-id PNGs (MASK_PNG_LAYOUT): each id but 0 in an image's mask is one object, of the class its
+    table names, written as RLE (exact: holes and separate parts stay as they are)."""
+    from PIL import Image
+
+    image_dir, mask_dir = os.path.join(input_dir, "images"), os.path.join(input_dir, "masks")
+    if not os.path.isdir(image_dir) or not os.path.isdir(mask_dir):
+        raise FileNotFoundError(f"--input {input_dir} for --format mask-png must hold {MASK_PNG_LAYOUT}")
+    samples = []
+    for name in sorted(n for n in os.listdir(image_dir) if not n.startswith(".")):  # .DS_Store and the like
+        image = os.path.join(image_dir, name)
+        stem = os.path.splitext(name)[0]
+        mask_path, table_path = os.path.join(mask_dir, f"{stem}.png"), os.path.join(mask_dir, f"{stem}.json")
+        if not os.path.isfile(mask_path):
+            raise FileNotFoundError(f"{image} has no instance mask {mask_path} ({MASK_PNG_LAYOUT})")
+        height, width = source_image(image, image)
+        with Image.open(mask_path) as png:
+            ids = np.asarray(png)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{mask_path} must be one channel of integer instance ids; got shape {ids.shape}, "
+                             f"{ids.dtype}")
+        if ids.shape != (height, width):
+            raise ValueError(f"{mask_path} is {ids.shape[1]}x{ids.shape[0]} (WxH) but {image} is {width}x{height}")
+        present = [int(i) for i in np.unique(ids) if i != 0]
+        table = {}
+        if present:
+            if not os.path.isfile(table_path):
+                raise FileNotFoundError(f"{mask_path} has instances {present[:10]} but no class table {table_path}")
+            table = read_json_object(table_path)
+        unnamed = [i for i in present if not isinstance(table.get(str(i)), str)]
+        if unnamed:
+            raise ValueError(f"{table_path} names no class for instance ids {unnamed[:10]} of {mask_path}; expected "
+                             '{"<instance id>": "<class name>", ...}')
+        objects = [(table[str(i)], utils.mask_to_rle(ids == i)) for i in present]
+        samples.append(Sample(image, name, height, width, objects, mask_path))
+    return samples
+
+
+def val_names(file_names, val_fraction: float, seed: int) -> set:
+    """The images that go to val: the file names sorted, shuffled by numpy.random.default_rng(seed), the
+    first round(val_fraction * N) of them, at least 1 and at most N - 1 when val_fraction > 0 and there
+    are 2 images or more. Same names, fraction and seed, same split, whatever the order they were read."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1); got {val_fraction}")
+    names = sorted(file_names)
+    count = round(val_fraction * len(names))
+    if val_fraction > 0 and len(names) >= 2:
+        count = min(max(count, 1), len(names) - 1)
+    order = np.random.default_rng(seed).permutation(len(names))
+    return {names[i] for i in order[:count]}
+
+
+def coco_segmentation(segmentation, height, width, where) -> tuple[object, list[float], float]:
+    """(segmentation, bbox [x, y, w, h] of its pixels, area in pixels) of one imported object. Polygons
+    of fewer than 3 points are dropped (segmentation None when none is left); the others are checked
+    (utils.check_polygons) before pycocotools rasterises them."""
+    if isinstance(segmentation, dict):
+        rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    else:
+        segmentation = [p for p in segmentation if not is_short_polygon(p)]
+        if not segmentation:
+            return None, [], 0.0
+        utils.check_polygons(segmentation, height, width, where)
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    return segmentation, [float(v) for v in coco_mask.toBbox(rle)], float(coco_mask.area(rle))
+
+
+def imported_split(samples, class_ids, split) -> dict:
+    """A COCO instances file of the samples: image ids 1..N in file-name order, annotation ids 1..M."""
+    images, annotations, dropped = [], [], 0
+    for image_id, sample in enumerate(sorted(samples, key=lambda s: s.file_name), start=1):
+        images.append({"id": image_id, "file_name": sample.file_name, "height": sample.height,
+                       "width": sample.width})
+        for k, (label, segmentation) in enumerate(sample.objects):
+            where = f"{sample.source}: object {k} ({label})"
+            segmentation, bbox, area = coco_segmentation(segmentation, sample.height, sample.width, where)
+            if segmentation is None:
+                dropped += 1
+                continue
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": class_ids[label],
+                                "iscrowd": 0, "area": area, "bbox": bbox, "segmentation": segmentation})
+    if dropped:
+        logger.warning("%s: dropped %d objects without a polygon of 3 or more points", split, dropped)
+    categories = [{"id": i, "name": name} for name, i in class_ids.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def refuse_existing(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+
+
+def write_imported(samples, out, val_fraction=0.2, seed=0, classes=None) -> dict:
+    """Writes the samples in our layout (out/annotations/instances_{train,val}.json, images copied into
+    out/{train,val}/), split by val_names. Category ids are 1..K in the order of `classes`, or of the
+    sorted class names. The data set is built in a temporary folder beside `out` and renamed to it, so
+    `out` is complete or absent; an existing non-empty `out` is refused. Returns {split: (images,
+    objects)}."""
+    out = os.path.abspath(out)
+    refuse_existing(out)
+    names = sorted({label for s in samples for label, _ in s.objects})
+    if classes:
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"--classes names a class twice: {','.join(classes)}")
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            where = next(s.source for s in samples if any(label == unknown[0] for label, _ in s.objects))
+            raise ValueError(f"class {unknown[0]!r} (in {where}) is not in --classes {','.join(classes)}; "
+                             f"all unknown: {', '.join(unknown)}")
+        names = list(classes)
+    class_ids = {name: i + 1 for i, name in enumerate(names)}
+    by_name = collections.Counter(s.file_name for s in samples)
+    twice = [n for n, c in by_name.items() if c > 1]
+    if twice:
+        raise ValueError(f"image {twice[0]} is annotated by more than one file: "
+                         f"{', '.join(s.source for s in samples if s.file_name == twice[0])}")
+    val = val_names(by_name, val_fraction, seed)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(dir=parent, prefix=".convert-")
+    counts = {}
+    try:
+        for split in ("train", "val"):
+            members = [s for s in samples if (s.file_name in val) == (split == "val")]
+            data = imported_split(members, class_ids, split)
+            annotation_file = os.path.join(out, "annotations", f"instances_{split}.json")
+            errors = [p for p in check_annotations(data, annotation_file) if p.level == "error"]
+            if errors:
+                raise ValueError(problem_report(annotation_file, errors))
+            for sample in members:
+                target = os.path.join(work, split, sample.file_name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(sample.path, target)
+            utils.write_json_atomic(os.path.join(work, "annotations", f"instances_{split}.json"), data)
+            counts[split] = (len(data["images"]), len(data["annotations"]))
+        os.replace(work, out)  # onto an empty folder too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return counts
+
+
+def convert_command(args) -> None:
+    refuse_existing(os.path.abspath(args.out))
+    if not os.path.isdir(args.input):
+        raise SystemExit(f"--input must be a folder; got {args.input}")
+    if args.format == "labelme":
+        samples = read_labelme(args.input)
+    elif args.format == "via":
+        samples = read_via(args.input, args.class_attribute)
+    else:
+        samples = read_mask_pngs(args.input)
+    if not samples:
+        raise SystemExit(f"no {args.format} annotations found in {args.input}")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    counts = write_imported(samples, args.out, args.val_fraction, args.seed, classes)
+    for split, (images, objects) in counts.items():
+        print(f"{split}: {images} images, {objects} objects -> {os.path.join(args.out, split)}")
 
 
 ############################################################
@@ -539,8 +1244,39 @@ def main(argv=None):
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ev.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on GPU)")
     ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ev.add_argument("--max-dets", type=int, default=100, help="detections per image scored (COCOeval's maxDets; "
+                    "the model gives at most DETECTION_MAX_INSTANCES)")
+    ev.add_argument("--min-score", type=float, default=0.5, help="score from which a detection counts in the "
+                    "confusion matrix")
+    co = sub.add_parser("convert", help="import labelme, VIA or instance-id PNG annotations into our layout")
+    co.add_argument("--format", required=True, choices=("labelme", "via", "mask-png"))
+    co.add_argument("--input", required=True, help="labelme: a folder of labelme JSON files (searched "
+                    "recursively); via: a folder with VIA 2.x project JSON files and the images; mask-png: "
+                    f"a folder with {MASK_PNG_LAYOUT}")
+    co.add_argument("--out", required=True, help="the data folder to create (must not exist, or be empty)")
+    co.add_argument("--val-fraction", type=float, default=0.2, help="share of the images in val (see val_names)")
+    co.add_argument("--seed", type=int, default=0, help="the split's seed: same seed, same split")
+    co.add_argument("--classes", help="class names a,b,c: category ids 1..K in this order (default: sorted names)")
+    co.add_argument("--class-attribute", help="via: the region attribute that holds the class name")
+    ch = sub.add_parser("check", help="summarise a data set and list every problem (exit code 1 on errors)")
+    ch.add_argument("--data", required=True, help="data root (annotations/ and the image folders)")
+    ch.add_argument("--split", help="one split (default: every annotations/instances_<split>.json)")
+    ch.add_argument("--config", default="coco", help="preset whose anchor sizes, image size and label rule to "
+                    "check against")
+    ch.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ch.add_argument("--strict", action="store_true", help="exit code 1 on warnings too (objects the loader drops: "
+                    "empty boxes, polygons of fewer than 3 points)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "convert":
+        return convert_command(args)
+    if args.command == "check":
+        from config import named_config
+
+        splits = [args.split] if args.split else dataset_splits(args.data)
+        if not splits:
+            raise SystemExit(f"--data {args.data} has no annotations/instances_<split>.json")
+        return check_command(args.data, splits, named_config(args.config).override(args.set), args.strict)
 
     from config import named_config
     from model import MaskRCNN
@@ -552,7 +1288,9 @@ def main(argv=None):
         shapes.ensure(data)
     split = args.split or config.VAL_SPLIT
     dataset = CocoDataset(data, split, config.LABELS_ARE_CATEGORY_IDS)
-    metrics, table, results = evaluate(model, dataset, args.batch_size, args.device, args.limit, args.amp)
+    results = predict(model, dataset, args.batch_size, args.device, args.limit, args.amp)
+    image_ids = dataset.image_ids[: args.limit]
+    metrics, table, evaluators = score(dataset.coco, results, image_ids, args.max_dets)
     print(table)
     if os.path.isfile(str(args.weights)):
         default_out = os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval_{split}.json")
@@ -562,9 +1300,28 @@ def main(argv=None):
     utils.write_json_atomic(out, {**metrics, "weights": str(args.weights), "data": data, "split": split,
                                   "images": len(dataset) if args.limit is None else min(args.limit, len(dataset))})
     print(f"metrics written to {out}")
+    print(evaluation_pictures(dataset.coco, results, evaluators, os.path.splitext(out)[0], args.min_score,
+                              image_ids))
     if args.detections:
         utils.write_json_atomic(args.detections, results)
 
 
+def evaluation_pictures(coco_gt, results, evaluators, stem, min_score, image_ids) -> str:
+    """Writes <stem>_confusion.png (confusion_matrix at IoU 0.5, predictions from min_score) and
+    <stem>_pr_<kind>.png (plot_pr_curves) for each evaluator; returns the confusion table and the paths."""
+    category_ids = sorted(coco_gt.getCatIds())
+    names = {c: coco_gt.cats[c].get("name", str(c)) for c in category_ids}
+    labels = [names[c] for c in category_ids] + ["background"]
+    matrix = confusion_matrix(coco_gt, results, 0.5, min_score, image_ids)
+    title = f"box IoU >= 0.5, score >= {min_score:g}"
+    plot_confusion_matrix(matrix, labels, f"{stem}_confusion.png", title)
+    lines = [f"confusion matrix ({title}):", confusion_table(matrix, labels), f"written to {stem}_confusion.png"]
+    for kind, evaluator in evaluators.items():
+        if evaluator is not None:
+            plot_pr_curves(evaluator, names, f"{stem}_pr_{kind}.png", f"{kind}: precision-recall at IoU 0.5")
+            lines.append(f"precision-recall curves ({kind}) written to {stem}_pr_{kind}.png")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

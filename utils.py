@@ -66,6 +66,21 @@ def load_image(path) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image file as it is shown, read from its header: swapped when its EXIF
+    orientation turns it by 90 degrees (values 5 to 8), as viewers and annotation tools show it. Raises
+    ValueError naming the file for one that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def image_to_tensor(image: np.ndarray) -> Tensor:
     """HxWx3 uint8 RGB array -> [3, H, W] float tensor in [0, 1]."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
