@@ -57,7 +57,7 @@ POSITIVE, NON_NEGATIVE, AT_LEAST_1, FRACTION = Range(0, low_open=True), Range(0)
 
 # Ranges where the meaning demands one: sizes, counts, periods and batch sizes are positive; fractions,
 # probabilities and IoU thresholds lie in [0, 1]. Zero is allowed where the comment of the setting gives it
-# a meaning (EVAL_PERIOD=0: only at the end; ROI_BATCH_SIZE_PER_IMAGE=0: no RoI sampled, zero head losses).
+# a meaning (EVAL_PERIOD=0: only at the end; ROI_BATCH_SIZE_PER_IMAGE=0: no RoI sampled for the heads).
 RANGES = {
     "TRAINABLE_BACKBONE_LAYERS": Range(0, 5), "FROZEN_BN_EPS": NON_NEGATIVE, "FPN_CHANNELS": AT_LEAST_1,
     "ANCHOR_SIZES": POSITIVE, "ANCHOR_RATIOS": POSITIVE, "RPN_CONVS": AT_LEAST_1,

@@ -179,6 +179,8 @@ def build_run(args) -> Run:
     weight decay at LEARNING_RATE * lr_factor(iteration), the AMP scaler, the batch loader, and with
     --resume the optimizer, schedule, iteration and random state of OUT/last.pth (then the optimizer
     settings of the config: apply_optimizer_settings)."""
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
     rank, world_size, device = setup_distributed(args.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     error = None
@@ -243,8 +245,8 @@ def build_run(args) -> Run:
 
 # What a run writes into OUT (besides .lock and the data it is given): --overwrite deletes these.
 CHECKPOINT_NAME = re.compile(r"^(last|model_(?P<iteration>\d+))\.pth$")
-RUN_OUTPUTS = re.compile(r"^(last\.pth|model_\d+\.pth|log\.jsonl|metrics\.json|config\.json|events\.out\.tfevents\..*)$"
-                         )
+RUN_OUTPUTS = re.compile(r"^(last\.pth|model_\d+\.pth|log\.jsonl|metrics\.json|config\.json"
+                         r"|events\.out\.tfevents\..*)$")
 
 
 def prepare_out(out: str, resume: bool, overwrite: bool):
@@ -515,7 +517,7 @@ def apply_optimizer_settings(run: Run):
 
 
 ############################################################
-#  Logging, evaluation, Ctrl-C
+#  Logging, evaluation, signals, the folder lock
 ############################################################
 
 
