@@ -626,15 +626,18 @@ class Interrupted(KeyboardInterrupt):
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) and SIGTERM during training, as a context manager around the loop: the first
-    signal sets `requested` (and `signum`), so that the loop finishes its step, saves and stops; a second
-    raises Interrupted at once. The handlers are installed only when `enabled` and in the main thread
-    (Python allows signal handlers only there; under torchrun the launcher's handling stands), and the
+    signal sets `requested` (and `signum`), so that the loop finishes its step, saves and stops; with
+    `repeat_stops` a second one raises Interrupted at once. Under torchrun repeats are ignored: the
+    launcher passes on the signal it got to workers that often got it too (a terminal's Ctrl-C, a
+    cluster's SIGTERM to the whole job), and itself kills them 30 s later. The handlers are installed
+    only when `enabled` and in the main thread (Python allows signal handlers only there), and the
     previous ones are put back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, repeat_stops: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.repeat_stops = repeat_stops
         self.requested = False
         self.signum = None
         self.previous = {}
@@ -646,13 +649,26 @@ class StopOnSignal:
 
     def handle(self, signum, frame):
         if self.requested:
-            raise Interrupted(signum)
+            if self.repeat_stops:
+                raise Interrupted(signum)
+            return
         self.requested, self.signum = True, signum
-        logger.warning("%s: stopping after this step (send it again to stop at once)", signal.Signals(signum).name)
+        logger.warning("%s: stopping after this step%s", signal.Signals(signum).name,
+                       " (send it again to stop at once)" if self.repeat_stops else "")
 
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def stop_agreed(run: Run, stop: StopOnSignal) -> bool:
+    """Whether any process was asked to stop: all of them stop after the same step, since the checkpoint
+    gathers every process's random state."""
+    if run.world_size == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class RunFolderLock:
@@ -715,9 +731,10 @@ def fit(run: Run) -> MaskRCNN:
     config = run.config
     log = TrainingLog(run.out, run.iteration, run.end, enabled=run.main_process)
     batches = iter(run.loader)
-    with StopOnSignal(enabled=run.world_size == 1) as stop:
+    stopping = False
+    with StopOnSignal(repeat_stops=run.world_size == 1) as stop:
         try:
-            while run.iteration < run.end and not stop.requested:
+            while run.iteration < run.end and not (stopping := stop_agreed(run, stop)):
                 started = time.perf_counter()
                 # The backbone stages that train from this step on (TRAINING_STAGES).
                 set_training_stage(run)
@@ -743,13 +760,14 @@ def fit(run: Run) -> MaskRCNN:
             raise
         finally:
             log.progress.close()
-    # Ctrl-C or SIGTERM: save where the loop stopped and exit (continue with --resume).
-    if stop.requested:
-        logger.warning("%s: saving iteration %d to %s (continue with --resume)",
-                       signal.Signals(stop.signum).name, run.iteration, run.last_path)
+    # Ctrl-C or SIGTERM (on any process): save where the loop stopped and exit (continue with --resume).
+    if stopping:
+        signum = stop.signum or signal.SIGTERM  # a process the signal did not reach stops with the others
+        logger.warning("%s: saving iteration %d to %s (continue with --resume)", signal.Signals(signum).name,
+                       run.iteration, run.last_path)
         save_checkpoint(run)
         log.close()
-        raise Interrupted(stop.signum)
+        raise Interrupted(signum)
     # The end: the last checkpoint, and at MAX_ITERS the final evaluation in OUT/metrics.json.
     save_checkpoint(run)
     if run.main_process:

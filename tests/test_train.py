@@ -248,14 +248,16 @@ def test_resume_after_iters_is_bit_for_bit_the_same_run(data, reference, tmp_pat
         (reference / "metrics.json").read_text())["segm"]
 
 
-def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SIGKILL):
-    """Starts `python train.py` and sends it `sig` once its log reports `min_iteration`. Returns False if
-    it finished first."""
+def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SIGKILL, processes=1, settings=()):
+    """Starts `python train.py` (under torchrun with several `processes`) and sends it (the launcher) `sig`
+    once its log reports `min_iteration`. Returns False if it finished first."""
     out.mkdir(parents=True)
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     with open(out.parent / f"{out.name}.stderr", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "train.py", *train_args(data, out, *SETTINGS, f"MAX_ITERS={max_iters}")], cwd=REPO,
-            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+            [*launcher, "train.py", *train_args(data, out, *SETTINGS, f"MAX_ITERS={max_iters}", *settings)],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and process.poll() is None:
@@ -269,7 +271,7 @@ def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SI
                 if max(logged, default=0) >= min_iteration:
                     process.send_signal(sig)
                     process.wait(timeout=timeout)
-                    if sig in (signal.SIGINT, signal.SIGTERM):  # it saves and exits as a shell reports a signal
+                    if processes == 1 and sig in (signal.SIGINT, signal.SIGTERM):  # it saves, exits as killed
                         assert process.returncode == 128 + sig, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
                     return True
                 time.sleep(0.02)
@@ -328,6 +330,19 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_for_bit(data, reference
     run(data, out, resume=True)
     assert_same_state(load(reference / "last.pth")["model"], load(out / "last.pth")["model"])
     assert [r["iteration"] for r in training_records(out)] == list(range(1, 9))
+
+
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step_and_saves(data, tmp_path):
+    # torchrun passes SIGTERM on to its workers; they agree on the step to stop after and save it (only
+    # the save on a signal can write last.pth here: CHECKPOINT_PERIOD is beyond MAX_ITERS).
+    out = tmp_path / "ddp_sigterm"
+    if not kill_after(data, out, 40, min_iteration=2, sig=signal.SIGTERM, processes=2,
+                      settings=("CHECKPOINT_PERIOD=100",)):
+        pytest.skip("torchrun finished before SIGTERM could be sent")
+    checkpoint = load(out / "last.pth")
+    assert 2 <= checkpoint["iteration"] < 40 and len(checkpoint["rng"]) == 2
+    assert training_records(out)[-1]["iteration"] <= checkpoint["iteration"]
+    assert "SIGTERM: saving iteration" in (tmp_path / "ddp_sigterm.stderr").read_text()
 
 
 def test_resume_after_ctrl_c_is_bit_for_bit_the_same_run(data, reference, tmp_path, monkeypatch):
@@ -764,8 +779,12 @@ def test_a_signal_asks_to_stop_and_a_second_one_stops_at_once(signum):
             signal.raise_signal(signum)
         assert stopped.value.signum == signum
     assert {s: signal.getsignal(s) for s in previous} == previous
-    with train.StopOnSignal(enabled=False) as off:  # several processes: torchrun's signals stand
+    with train.StopOnSignal(enabled=False) as off:
         assert {s: signal.getsignal(s) for s in previous} == previous and not off.requested
+    with train.StopOnSignal(repeat_stops=False) as stop:  # under torchrun the launcher passes signals on again
+        signal.raise_signal(signum)
+        signal.raise_signal(signum)
+        assert stop.requested and stop.signum == signum
 
 
 ############################################################
