@@ -1228,6 +1228,13 @@ def data_root(config_name, data=None):
                      "image folders)")
 
 
+def may_write_shapes(config_name, data, asked=False) -> bool:
+    """Whether a command may write the synthetic shapes data set into `data` when it is missing: with
+    --config shapes, into the default folder (shapes.DEFAULT_ROOT) or when asked (train.py --make-data).
+    A mistyped --data is then an error that names it, not 2,200 new images there."""
+    return config_name == "shapes" and (asked or os.path.abspath(data) == os.path.abspath(shapes.DEFAULT_ROOT))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="COCO-format evaluation (bbox and segm) with pycocotools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1284,7 +1291,7 @@ def main(argv=None):
     data = data_root(args.config, args.data)
     model = MaskRCNN.from_checkpoint(args.weights, args.set, args.device, config=named_config(args.config))
     config = model.config
-    if args.config == "shapes":
+    if may_write_shapes(args.config, data):
         shapes.ensure(data)
     split = args.split or config.VAL_SPLIT
     dataset = CocoDataset(data, split, config.LABELS_ARE_CATEGORY_IDS)

@@ -8,11 +8,17 @@ reproduces torchvision's detections. Subclass it and override attributes for oth
         NAME = "balloon"
         NUM_CLASSES = 1 + 1
 
-Any attribute can also be set from a command line with `--set KEY=VALUE` (see `override`).
+Any attribute can also be set from a command line with `--set KEY=VALUE` (see `override`). Every value,
+from `--set`, `Config(**overrides)`, `from_dict` or a subclass, is checked against the type of the
+attribute's default in `Config` (and against RANGES and CHOICES) by `validate()`.
 """
 
 import ast
+import difflib
 import json
+import math
+import numbers
+from typing import NamedTuple
 
 # COCO 2017 category names indexed by category id (0 is background, "N/A" ids are unused), as in
 # torchvision's COCO checkpoints, whose outputs are indexed the same way.
@@ -29,8 +35,187 @@ COCO_CLASS_NAMES = (
 )  # fmt: skip
 
 
+class Range(NamedTuple):
+    """Allowed values of a number (each element of a tuple of numbers): low..high, both included
+    unless low_open."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+    def __str__(self):
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1, FRACTION = Range(0, low_open=True), Range(0), Range(1), Range(0, 1)
+
+# Ranges where the meaning demands one: sizes, counts, periods and batch sizes are positive; fractions,
+# probabilities and IoU thresholds lie in [0, 1]. Zero is allowed where the comment of the setting gives it
+# a meaning (EVAL_PERIOD=0: only at the end; ROI_BATCH_SIZE_PER_IMAGE=0: no RoI sampled for the heads).
+RANGES = {
+    "TRAINABLE_BACKBONE_LAYERS": Range(0, 5), "FROZEN_BN_EPS": NON_NEGATIVE, "FPN_CHANNELS": AT_LEAST_1,
+    "ANCHOR_SIZES": POSITIVE, "ANCHOR_RATIOS": POSITIVE, "RPN_CONVS": AT_LEAST_1,
+    "RPN_PRE_NMS_TOP_N_TRAIN": AT_LEAST_1, "RPN_PRE_NMS_TOP_N_TEST": AT_LEAST_1,
+    "RPN_POST_NMS_TOP_N_TRAIN": AT_LEAST_1, "RPN_POST_NMS_TOP_N_TEST": AT_LEAST_1,
+    "RPN_NMS_THRESHOLD": FRACTION, "RPN_SCORE_THRESHOLD": FRACTION, "RPN_MIN_SIZE": NON_NEGATIVE,
+    "RPN_FG_IOU_THRESHOLD": FRACTION, "RPN_BG_IOU_THRESHOLD": FRACTION, "RPN_BATCH_SIZE_PER_IMAGE": AT_LEAST_1,
+    "RPN_POSITIVE_FRACTION": FRACTION, "ROI_FG_IOU_THRESHOLD": FRACTION, "ROI_BG_IOU_THRESHOLD": FRACTION,
+    "ROI_BATCH_SIZE_PER_IMAGE": NON_NEGATIVE, "ROI_POSITIVE_FRACTION": FRACTION, "BOX_POOL_SIZE": AT_LEAST_1,
+    "MASK_POOL_SIZE": AT_LEAST_1, "POOL_CANONICAL_SIZE": POSITIVE, "BOX_HEAD_CONVS": NON_NEGATIVE,
+    "BOX_HEAD_DIM": AT_LEAST_1, "MASK_HEAD_CONVS": NON_NEGATIVE, "MASK_HEAD_CHANNELS": AT_LEAST_1,
+    "BOX_CODER_WEIGHTS": POSITIVE, "SMOOTH_L1_BETA": NON_NEGATIVE, "FOCAL_GAMMA": NON_NEGATIVE,
+    "FOCAL_ALPHA": FRACTION, "DETECTION_MIN_CONFIDENCE": FRACTION, "DETECTION_NMS_THRESHOLD": FRACTION,
+    "DETECTION_MAX_INSTANCES": AT_LEAST_1, "DETECTION_MIN_SIZE": NON_NEGATIVE, "MASK_THRESHOLD": FRACTION,
+    "IMAGE_MIN_DIM": AT_LEAST_1, "IMAGE_MAX_DIM": AT_LEAST_1, "IMAGE_MIN_DIM_TRAIN": AT_LEAST_1,
+    "IMAGE_SIZE_DIVISOR": AT_LEAST_1, "PIXEL_MEAN": FRACTION, "PIXEL_STD": POSITIVE, "NUM_CLASSES": Range(2),
+    "CROWD_IGNORE_THRESHOLD": FRACTION, "NUM_WORKERS": NON_NEGATIVE, "BATCH_SIZE": AT_LEAST_1,
+    "LEARNING_RATE": NON_NEGATIVE, "LEARNING_MOMENTUM": FRACTION, "WEIGHT_DECAY": NON_NEGATIVE,
+    "WARMUP_ITERS": NON_NEGATIVE, "WARMUP_FACTOR": FRACTION, "LR_STEPS": NON_NEGATIVE, "LR_GAMMA": POSITIVE,
+    "MAX_ITERS": AT_LEAST_1, "GRADIENT_CLIP_NORM": NON_NEGATIVE, "CHECKPOINT_PERIOD": AT_LEAST_1,
+    "EVAL_PERIOD": NON_NEGATIVE, "LOG_PERIOD": AT_LEAST_1, "SEED": Range(0, 2**32 - 1),  # numpy's seed range
+}  # fmt: skip
+
+# Settings that take one of a few names.
+CHOICES = {
+    "VARIANT": ("v1", "v2"), "BACKBONE": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "NORM": ("frozen_bn", "bn", "gn"), "LR_SCHEDULE": ("step", "cosine"),
+}
+
+# The type of settings whose default is None (the default says nothing about it).
+NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float}
+
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class SettingType(NamedTuple):
+    """What one setting accepts: `kind` (bool, int, float, str, tuple, or None for anything), the type
+    of a tuple's elements (None: any, e.g. TRAINING_STAGES' pairs), whether None is allowed (a default of
+    None), its Range and its choices."""
+
+    key: str
+    kind: type | None
+    element: type | None = None
+    nullable: bool = False
+    range: Range | None = None
+    choices: tuple | None = None
+
+    @classmethod
+    def of(cls, key, default) -> "SettingType":
+        """The type of `key` from its default value."""
+        extra = dict(range=RANGES.get(key), choices=CHOICES.get(key))
+        if default is None:
+            return cls(key, NONE_DEFAULT_TYPES.get(key), nullable=True, **extra)
+        if isinstance(default, tuple):
+            kinds = {type(v) for v in default}
+            element = kinds.pop() if len(kinds) == 1 and not isinstance(default[0], tuple) else None
+            return cls(key, tuple, element, **extra)
+        if isinstance(default, (bool, int, float, str)):
+            return cls(key, type(default), **extra)
+        return cls(key, None, **extra)
+
+    def __str__(self):
+        if self.kind is bool:
+            text = "a bool (true/false, 1/0, yes/no)"
+        elif self.kind is tuple:
+            text = f"a tuple of {self.element.__name__}" if self.element else "a tuple"
+        elif self.choices:
+            text = f"one of {', '.join(self.choices)}"
+        elif self.kind is None:
+            text = "a value"
+        else:
+            text = f"{'an' if self.kind is int else 'a'} {self.kind.__name__}"
+        if self.range is not None:
+            text += f" {self.range}"
+        return text + (" or None" if self.nullable else "")
+
+    def fail(self, value):
+        raise ValueError(f"{self.key} must be {self}; got {value!r}")
+
+    def parse(self, text: str):
+        """The value of `text` as given to --set (see Config.override); check() does the rest."""
+        stripped = text.strip()
+        if self.nullable and stripped.lower() in ("none", "null"):
+            return None
+        if self.kind is bool:
+            if stripped.lower() not in BOOL_WORDS:
+                self.fail(text)
+            return BOOL_WORDS[stripped.lower()]
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+            value = text
+        if self.kind is str:
+            return value if isinstance(value, str) else text
+        if self.kind is tuple and isinstance(value, numbers.Real) and self.element in (int, float):
+            return (value,)  # IMAGE_MIN_DIM_TRAIN=800
+        return value
+
+    def check(self, value):
+        """`value` as this setting's type (an int for a float becomes a float, lists become tuples), or
+        ValueError naming the setting, the value and the expected type."""
+        if value is None:
+            if not self.nullable:
+                self.fail(value)
+            return None
+        if self.kind is None:
+            return as_tuples(value)
+        if self.kind is tuple:
+            if not isinstance(value, (tuple, list)):
+                self.fail(value)
+            value = as_tuples(value)
+            if self.element is not None:
+                value = tuple(self.scalar(v, self.element, value) for v in value)
+            return value
+        return self.scalar(value, self.kind, value)
+
+    def scalar(self, value, kind, whole):
+        """One value (or tuple element) of `kind`; `whole` is what the error shows."""
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok or (self.range is not None and value not in self.range) or (
+                self.choices is not None and value not in self.choices):
+            self.fail(whole)
+        return kind(value)
+
+
+def as_tuples(value):
+    """Lists (from JSON) as tuples, nested ones too."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 # Trainable ResNet stages (TRAINABLE_BACKBONE_LAYERS) for each name a training stage may use.
 STAGE_LAYERS = {"heads": 0, "5+": 1, "4+": 2, "3+": 3, "2+": 4, "all": 5}
+
+
+# What `train.py --resume --set KEY=VALUE` does with a setting that differs from the checkpoint's. The
+# checkpoint's weights fit the network they were trained in, and the sampler's place in the data fits the
+# data pipeline: changing either is refused (start a new run with --weights instead). The optimizer's
+# settings are put into its param groups and the schedule (a checkpoint's optimizer state carries the old
+# ones). Every other setting is read afresh where it is used (the schedule's shape at every step, losses,
+# sampling, clipping, periods, detection), so a change applies from the next step on.
+ARCHITECTURE_SETTINGS = (
+    "VARIANT", "BACKBONE", "NORM", "FROZEN_BN_EPS", "FPN_CHANNELS", "ANCHOR_SIZES", "ANCHOR_RATIOS", "RPN_CONVS",
+    "BOX_POOL_SIZE", "MASK_POOL_SIZE", "POOL_SAMPLING_RATIO", "POOL_ALIGNED", "POOL_CANONICAL_SIZE",
+    "POOL_CANONICAL_LEVEL", "BOX_HEAD_CONVS", "BOX_HEAD_DIM", "MASK_HEAD_CONVS", "MASK_HEAD_CHANNELS",
+    "BOX_CODER_WEIGHTS", "NUM_CLASSES", "LABELS_ARE_CATEGORY_IDS",
+)  # fmt: skip
+DATA_PIPELINE_SETTINGS = (
+    "TRAIN_SPLIT", "BATCH_SIZE", "IMAGE_MIN_DIM", "IMAGE_MAX_DIM", "IMAGE_MIN_DIM_TRAIN", "IMAGE_SIZE_DIVISOR",
+    "PIXEL_MEAN", "PIXEL_STD", "HFLIP", "SEED",
+)  # fmt: skip
+OPTIMIZER_SETTINGS = ("LEARNING_RATE", "LEARNING_MOMENTUM", "WEIGHT_DECAY")
 
 
 class Config:
@@ -174,30 +359,37 @@ class Config:
     def keys(self):
         return sorted(k for k in dir(type(self)) if k.isupper() and not isinstance(getattr(type(self), k), property))
 
+    def check_key(self, key):
+        """KeyError for a name that is not a setting, with the nearest names."""
+        keys = self.keys()
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=3)
+            hint = f"did you mean {' or '.join(near)}?" if near else f"known: {', '.join(keys)}"
+            raise KeyError(f"unknown config attribute {key!r}; {hint}")
+
     def _set(self, key, value):
-        if key not in self.keys():
-            raise KeyError(f"unknown config attribute {key!r}; known: {', '.join(self.keys())}")
+        self.check_key(key)
         setattr(self, key, value)
 
+    def setting_type(self, key) -> "SettingType":
+        """The type `key` takes: that of its default in the first class of the hierarchy that defines it
+        (Config for its own settings, so a subclass cannot change a type by accident)."""
+        for cls in reversed(type(self).__mro__):
+            if key in vars(cls):
+                return SettingType.of(key, vars(cls)[key])
+        raise KeyError(key)
+
     def validate(self):
-        if self.VARIANT not in ("v1", "v2"):
-            raise ValueError(f"VARIANT must be 'v1' or 'v2'; got {self.VARIANT!r}")
-        if self.BACKBONE not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-            raise ValueError(f"BACKBONE must be resnet18, resnet34, resnet50 or resnet101; got {self.BACKBONE!r}")
-        if self.NORM not in ("frozen_bn", "bn", "gn"):
-            raise ValueError(f"NORM must be 'frozen_bn', 'bn' or 'gn'; got {self.NORM!r}")
-        if not 0 <= self.TRAINABLE_BACKBONE_LAYERS <= 5:
-            raise ValueError(f"TRAINABLE_BACKBONE_LAYERS must be in 0..5; got {self.TRAINABLE_BACKBONE_LAYERS}")
-        if not isinstance(self.NUM_CLASSES, int) or self.NUM_CLASSES < 2:
-            raise ValueError(f"NUM_CLASSES must be an int >= 2 (background + classes); got {self.NUM_CLASSES!r}")
+        """Checks every setting against its type (setting_type), RANGES and CHOICES, converting where it
+        is lossless (an int for a float, a list for a tuple), then the settings that depend on each other.
+        Errors are ValueError naming the setting, the value received and what was expected."""
+        for key in self.keys():
+            setattr(self, key, self.setting_type(key).check(getattr(self, key)))
         if len(self.ANCHOR_SIZES) != 5:
             raise ValueError(f"ANCHOR_SIZES needs one size per level P2-P6 (5); got {self.ANCHOR_SIZES}")
-        if self.LR_SCHEDULE not in ("step", "cosine"):
-            raise ValueError(f"LR_SCHEDULE must be 'step' or 'cosine'; got {self.LR_SCHEDULE!r}")
-        if not isinstance(self.BATCH_SIZE, int) or self.BATCH_SIZE < 1:
-            raise ValueError(f"BATCH_SIZE must be a positive int; got {self.BATCH_SIZE!r}")
         for stage in self.TRAINING_STAGES:
-            if len(stage) != 2 or stage[1] not in STAGE_LAYERS:
+            if (not isinstance(stage, tuple) or len(stage) != 2 or not isinstance(stage[0], int)
+                    or stage[1] not in STAGE_LAYERS):
                 raise ValueError(f"TRAINING_STAGES entries are (first iteration, one of {', '.join(STAGE_LAYERS)}); "
                                  f"got {stage!r}")
         if len(self.CLASS_NAMES) != self.NUM_CLASSES:
@@ -211,23 +403,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, values):
-        """The inverse of to_dict; unknown keys are an error."""
-        def as_tuple(value):
-            return tuple(as_tuple(v) for v in value) if isinstance(value, list) else value
-
-        return cls(**{k: as_tuple(v) for k, v in values.items()})
+        """The inverse of to_dict (lists become tuples again in validate); unknown keys are an error."""
+        return cls(**values)
 
     def override(self, assignments):
-        """Applies ["KEY=VALUE", ...] (from --set); VALUE is a Python literal or a bare string."""
+        """Applies ["KEY=VALUE", ...] (from --set). VALUE is read as the setting's type (SettingType.parse):
+        true/false/1/0/yes/no for a bool, a number, a Python tuple such as (640, 672) (or one number for
+        a one-element tuple), None where the default is None, and for a str the text itself (quotes
+        optional). Every setting is then checked (validate)."""
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
+            key = key.strip()
             if not sep:
                 raise ValueError(f"--set expects KEY=VALUE; got {assignment!r}")
+            self.check_key(key)
             try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            self._set(key.strip(), value)
+                kind = self.setting_type(key)
+                self._set(key, kind.check(kind.parse(text)))
+            except ValueError as error:
+                raise ValueError(f"--set {assignment}: {error}") from None
         self.validate()
         return self
 

@@ -1314,21 +1314,34 @@ class MaskRCNN(nn.Module):
             }))
         return results
 
-    def load_weights(self, source, exclude=()):
+    def load_weights(self, source, exclude=(), strict=True):
         """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling) or an ImageNet
         ResNet (backbone only). `source` is a path, a state_dict, or "coco", "coco_v2", "imagenet" for
-        torchvision's published files. `exclude`: key prefixes or regexes to skip; "heads" means the
-        class-specific layers (to fine-tune on other classes). Keys whose shapes differ are skipped and
-        logged, as are missing and unexpected keys."""
+        torchvision's published files; files are loaded with weights_only=True (utils.load_file).
+        `exclude`: key prefixes or regexes to skip; "heads" means the class-specific layers (to fine-tune
+        on other classes). Keys whose shapes differ are skipped and logged (e.g. a head for another
+        number of classes).
+
+        strict: a whole-model checkpoint must hold exactly this model's tensors, and an ImageNet ResNet
+        exactly its backbone's (`exclude`d keys and shape differences aside): otherwise ValueError lists
+        the keys the checkpoint lacks and those this model lacks (another backbone depth, another
+        variant), and nothing is loaded. strict=False loads what fits and logs the rest.
+
+        Returns {"loaded", "skipped_shape", "excluded", "unexpected", "missing"} (lists of keys; missing
+        counts every tensor of this model left as it was)."""
         state = utils.load_state_dict(source, self.config.BACKBONE)
         state = convert_state_dict(state)
         patterns = []
         for item in exclude:
             patterns += HEAD_KEYS if item == "heads" else [item]
+
+        def excluded_key(key):
+            return any(key.startswith(p) or re.match(p, key) for p in patterns)
+
         own = self.state_dict()
         skipped_shape, excluded, loaded = [], [], {}
         for key, value in state.items():
-            if any(key.startswith(p) or re.match(p, key) for p in patterns):
+            if excluded_key(key):
                 excluded.append(key)
             elif key in own and own[key].shape != value.shape:
                 skipped_shape.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
@@ -1338,6 +1351,18 @@ class MaskRCNN(nn.Module):
         optional = "num_batches_tracked"
         unexpected = sorted(k for k in set(state) - set(own) - set(excluded) if not k.endswith(optional))
         missing = sorted(k for k in set(own) - set(loaded) if not k.endswith(optional))
+        if strict:
+            # What the checkpoint is meant to cover: this whole model, or only its ResNet (ImageNet weights).
+            whole = any(not k.startswith("backbone.body.") for k in state)
+            absent = [k for k in missing if k not in state and not excluded_key(k)
+                      and (whole or k.startswith("backbone.body."))]
+            if unexpected or absent:
+                name = "the state dict" if isinstance(source, dict) else str(source)
+                raise ValueError(
+                    f"load_weights({name!r}): the {'checkpoint' if whole else 'ImageNet ResNet'} does not fit this "
+                    f"model (BACKBONE={self.config.BACKBONE}, VARIANT={self.config.VARIANT}): "
+                    f"{key_list(unexpected)} in it are not in the model; {key_list(absent)} of the model are not in "
+                    "it. Nothing was loaded; pass strict=False to load the tensors that fit.")
         self.load_state_dict(loaded, strict=False)
         logger.info("loaded %d of %d tensors", len(loaded), len(own))
         if skipped_shape:
@@ -1351,7 +1376,6 @@ class MaskRCNN(nn.Module):
         return {"loaded": sorted(loaded), "skipped_shape": skipped_shape, "excluded": excluded,
                 "unexpected": unexpected, "missing": missing}
 
-
     @classmethod
     def from_checkpoint(cls, source, overrides=(), device="cpu", config: Optional[Config] = None) -> "MaskRCNN":
         """The model a checkpoint describes, with its weights loaded: the one way train.py --resume,
@@ -1363,7 +1387,9 @@ class MaskRCNN(nn.Module):
         overrides: ["KEY=VALUE", ...] as --set takes them (Config.override), applied on top.
         config: the configuration for weights that carry none; a checkpoint's own config wins. It is
             copied, not changed.
-        Tensors are loaded as by load_weights (those whose shape differs are skipped and logged).
+        Tensors are loaded as by load_weights, strictly (a checkpoint of another network is an error
+        listing the keys; those whose shape differs, e.g. after overriding NUM_CLASSES, are skipped and
+        logged); files with weights_only=True.
         """
         is_file = not isinstance(source, dict) and os.path.isfile(str(source))
         checkpoint = utils.load_state_dict(source) if is_file else source
@@ -1385,6 +1411,13 @@ class MaskRCNN(nn.Module):
 
 
 HEAD_KEYS = ["roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."]
+
+
+def key_list(keys, shown=5) -> str:
+    """'N tensors (a, b, ... and M more)' for an error message."""
+    more = f", ... and {len(keys) - shown} more" if len(keys) > shown else ""
+    listed = f" ({', '.join(keys[:shown])}{more})" if keys else ""
+    return f"{len(keys)} tensor{'' if len(keys) == 1 else 's'}{listed}"
 
 
 def convert_state_dict(state: dict) -> dict:

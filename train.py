@@ -6,20 +6,24 @@
     torchrun --nproc_per_node=8 train.py --config coco ...            # gloo on CPU, nccl on GPU
 
 OUT/last.pth is always the newest complete checkpoint (model, optimizer, scheduler, scaler, iteration,
-RNG states, config); OUT/log.jsonl has every logged step and evaluation, OUT/events.* is for
-TensorBoard, and OUT/metrics.json holds the final COCO evaluation.
+RNG states, config; tensors and plain types only, so it loads with weights_only=True); OUT/log.jsonl has
+every logged step and evaluation, OUT/events.* is for TensorBoard, and OUT/metrics.json holds the final
+COCO evaluation. A run holds OUT/.lock while it runs; a fresh run refuses an OUT that holds checkpoints
+(--resume continues it, --overwrite replaces it).
 
-`train()` is the recipe in one screen: build_run (config, data, model, optimizer, schedule), then a loop
-of set_training_stage, train_step, TrainingLog, save_checkpoint and evaluate inside StopOnCtrlC. Each
-piece can be called alone (tests/test_train.py does).
+`train()` is the recipe: under RunFolderLock, build_run (output folder, config, data, model, optimizer,
+schedule), then fit, a loop of set_training_stage, train_step, TrainingLog, save_checkpoint and evaluate
+inside StopOnSignal, in one screen. Each piece can be called alone (tests/test_train.py does).
 """
 
 import argparse
+import fcntl
 import json
 import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -36,7 +40,7 @@ from tqdm import tqdm
 import coco
 import shapes
 import utils
-from config import STAGE_LAYERS, Config, named_config
+from config import ARCHITECTURE_SETTINGS, DATA_PIPELINE_SETTINGS, OPTIMIZER_SETTINGS, STAGE_LAYERS, Config, named_config
 from model import MaskRCNN
 
 logger = logging.getLogger("train")
@@ -146,43 +150,71 @@ class Run:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Mask R-CNN (one process, or many under torchrun).")
-    parser.add_argument("--config", default="shapes", help="preset: shapes (synthetic, the default) or coco")
+    parser.add_argument("--config", help="preset: shapes (synthetic, the default) or coco; with --resume the "
+                        "checkpoint's settings are used instead")
     parser.add_argument("--data", help="data root with annotations/ and the image folders (default: "
                         f"{shapes.DEFAULT_ROOT} for shapes, written there if missing)")
+    parser.add_argument("--make-data", action="store_true", help="with --config shapes: write the synthetic "
+                        "data set to --data when it is not there (it is written unasked only to the default folder)")
     parser.add_argument("--weights", help="initial weights: a checkpoint path, imagenet, coco or coco_v2")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, metrics)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one "
+                        "(its checkpoints, log and metrics are deleted)")
     parser.add_argument("--iters", type=int, help="stop after this iteration (the schedule still ends at "
                         "MAX_ITERS, so --resume continues the same run)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (typed and "
+                        "checked; with --resume only those that keep the network and the data pipeline)")
     return parser.parse_args(argv)
 
 
 def build_run(args) -> Run:
     """Everything one training process needs, from the command line (parse_args): the process group,
-    the config (the preset with --set on top; with --resume the checkpoint's, through
-    MaskRCNN.from_checkpoint), the training data (the first process writes the shapes data set when it
-    is missing), the model (seeded with SEED + rank; --weights or the checkpoint's), SGD with momentum
-    and weight decay at LEARNING_RATE * lr_factor(iteration), the AMP scaler, the batch loader, and
-    with --resume the optimizer, schedule, iteration and random state of OUT/last.pth."""
+    the output folder (prepare_out), the config (the preset with --set on top; with --resume the
+    checkpoint's with the --set changes resume_changes allows, through MaskRCNN.from_checkpoint), the
+    training data (the first process writes the shapes data set when it is missing and may be written
+    there), the model (seeded with SEED + rank; --weights or the checkpoint's), SGD with momentum and
+    weight decay at LEARNING_RATE * lr_factor(iteration), the AMP scaler, the batch loader, and with
+    --resume the optimizer, schedule, iteration and random state of OUT/last.pth (then the optimizer
+    settings of the config: apply_optimizer_settings)."""
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
     rank, world_size, device = setup_distributed(args.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    error = None
+    if rank == 0:
+        try:
+            prepare_out(args.out, args.resume, args.overwrite)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (passed on to every process below)
+            error = e
+    broadcast_error(error, world_size)
+    preset = args.config or "shapes"
     checkpoint, model = None, None
     if args.resume:
-        path = os.path.join(args.out, "last.pth")
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        path = last_checkpoint_path(args.out)
+        checkpoint = load_checkpoint(path)
+        changes = resume_changes(checkpoint, args.set, path)
+        for flag, value in (("--config", args.config), ("--weights", args.weights)):
+            if value is not None:
+                logger.warning("%s %s is ignored with --resume: the model and its settings are the checkpoint's "
+                               "(change settings with --set)", flag, value)
+        for key, (old, new) in changes.items():
+            logger.info("--resume: %s %r -> %r (%s)", key, old, new, "in the optimizer from this step on"
+                        if key in OPTIMIZER_SETTINGS else "read from the next step on")
         model = MaskRCNN.from_checkpoint(checkpoint, args.set, device)
         logger.info("resuming %s at iteration %d", path, checkpoint["iteration"])
-    config = model.config if model is not None else named_config(args.config).override(args.set)
+    config = model.config if model is not None else named_config(preset).override(args.set)
     if config.BATCH_SIZE % world_size:
         raise SystemExit(f"BATCH_SIZE={config.BATCH_SIZE} must be a multiple of the number of processes "
                          f"({world_size})")
-    data = coco.data_root(args.config, args.data)
-    train_set = training_set(data, config, args.config == "shapes" and checkpoint is None, rank, world_size)
+    if args.make_data and preset != "shapes":
+        raise SystemExit(f"--make-data writes the synthetic shapes data set; it needs --config shapes, not {preset}")
+    data = coco.data_root(preset, args.data)
+    write_shapes = checkpoint is None and coco.may_write_shapes(preset, data, asked=args.make_data)
+    train_set = training_set(data, config, rank, world_size, shapes_preset=preset == "shapes",
+                             write_shapes=write_shapes)
     if model is None:
         seed_everything(config.SEED + rank)
         model = MaskRCNN(config).to(device)
@@ -196,6 +228,7 @@ def build_run(args) -> Run:
     run = Run(args.out, config, data, rank, world_size, device, model, optimizer, scheduler, scaler, args.amp, end)
     if checkpoint is not None:
         restore(run, checkpoint)
+        apply_optimizer_settings(run)
     run.layers = trainable_layers(run.iteration, config)
     model.backbone.body.freeze(run.layers)
     run.network = distributed(model, run)
@@ -210,9 +243,99 @@ def build_run(args) -> Run:
     return run
 
 
-def training_set(data: str, config: Config, write_shapes: bool, rank: int, world_size: int) -> coco.CocoDataset:
+# What a run writes into OUT (besides .lock and the data it is given): --overwrite deletes these.
+CHECKPOINT_NAME = re.compile(r"^(last|model_(?P<iteration>\d+))\.pth$")
+RUN_OUTPUTS = re.compile(r"^(last\.pth|model_\d+\.pth|log\.jsonl|metrics\.json|config\.json"
+                         r"|events\.out\.tfevents\..*)$")
+
+
+def prepare_out(out: str, resume: bool, overwrite: bool):
+    """Readies the output folder before anything is written to it (the first process, holding its lock):
+    removes the temporary files a killed run left (utils.remove_stale_temporaries); a fresh run (not
+    `resume`) into a folder with checkpoints is refused, naming one, unless `overwrite`, which deletes
+    the previous run's outputs (RUN_OUTPUTS) first."""
+    os.makedirs(out, exist_ok=True)
+    removed = utils.remove_stale_temporaries(out)
+    if removed:
+        logger.info("removed %d temporary files left by a killed run: %s", len(removed), ", ".join(removed))
+    if resume:
+        return
+    checkpoints = sorted(name for name in os.listdir(out) if CHECKPOINT_NAME.match(name))
+    if checkpoints and not overwrite:
+        raise SystemExit(f"{os.path.join(out, checkpoints[0])} exists: --out {out} holds a run. Continue it with "
+                         "--resume, choose another --out, or add --overwrite to start a new run there (it deletes "
+                         "that run's checkpoints, log and metrics)")
+    previous = sorted(name for name in os.listdir(out) if RUN_OUTPUTS.match(name))
+    if overwrite and previous:
+        for name in previous:
+            os.remove(os.path.join(out, name))
+        logger.warning("--overwrite: deleted the previous run's %s", ", ".join(previous))
+
+
+def last_checkpoint_path(out: str) -> str:
+    """OUT/last.pth, which --resume needs."""
+    path = os.path.join(out, "last.pth")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of save_checkpoint (weights_only=True). One cut short or corrupt (a copy that did
+    not finish, a broken disk) is a SystemExit naming it and the newest intact model_<iteration>.pth
+    beside it, if any, with how to continue from there."""
+    try:
+        return utils.load_file(path)
+    except utils.UnreadableFileError as error:
+        folder = os.path.dirname(path)
+        snapshot = newest_intact_snapshot(folder)
+        if snapshot is None:
+            hint = (f"No model_<iteration>.pth in {folder} is intact either: start again with --overwrite (or "
+                    "another --out)")
+        else:
+            hint = (f"The newest intact snapshot is {snapshot[0]} (iteration {snapshot[1]}): to continue from "
+                    f"there, copy it over the broken file (cp {snapshot[0]} {path}) and --resume again")
+        raise SystemExit(f"{error}. {hint}") from error
+
+
+def newest_intact_snapshot(folder: str) -> Optional[tuple[str, int]]:
+    """(path, iteration) of the newest model_<iteration>.pth in `folder` that loads, or None."""
+    snapshots = [(int(m["iteration"]), name) for name in os.listdir(folder)
+                 if (m := CHECKPOINT_NAME.match(name)) and m["iteration"]]
+    for iteration, name in sorted(snapshots, reverse=True):
+        path = os.path.join(folder, name)
+        try:
+            if "model" in utils.load_file(path):
+                return path, iteration
+        except utils.UnreadableFileError:
+            continue
+    return None
+
+
+def resume_changes(checkpoint: dict, overrides, path: str) -> dict:
+    """The settings that --set changes on --resume, {key: (the checkpoint's value, the new one)}.
+    Changing the network or the data pipeline within a run is refused (SystemExit naming the keys, see
+    config.ARCHITECTURE_SETTINGS and DATA_PIPELINE_SETTINGS); the optimizer's settings are applied by
+    apply_optimizer_settings and every other setting is read afresh where it is used."""
+    saved = Config.from_dict(checkpoint["config"])
+    wanted = Config.from_dict(checkpoint["config"]).override(overrides)
+    changes = {key: (getattr(saved, key), getattr(wanted, key)) for key in saved.keys()
+               if getattr(saved, key) != getattr(wanted, key)}
+    fixed = [f"{key} ({'network' if key in ARCHITECTURE_SETTINGS else 'data pipeline'}: {old!r} in the checkpoint, "
+             f"{new!r} asked)" for key, (old, new) in changes.items()
+             if key in ARCHITECTURE_SETTINGS or key in DATA_PIPELINE_SETTINGS]
+    if fixed:
+        raise SystemExit(f"--resume cannot change {', '.join(fixed)}: the checkpoint was trained with its own. To "
+                         f"change them, start a new run from its weights: --out <new folder> --weights {path} "
+                         "--set ...")
+    return changes
+
+
+def training_set(data: str, config: Config, rank: int, world_size: int, shapes_preset: bool = False,
+                 write_shapes: bool = False) -> coco.CocoDataset:
     """The TRAIN_SPLIT of `data`. With `write_shapes` the first process writes the shapes data set there
-    first when it is missing (the others wait, and all of them stop if it fails)."""
+    first when it is missing (the others wait, and all of them stop if it fails). A `data` without the
+    split's annotations is a SystemExit naming it (for the shapes preset, with how to write it there)."""
     error = None
     if rank == 0 and write_shapes:
         try:
@@ -220,6 +343,12 @@ def training_set(data: str, config: Config, write_shapes: bool, rank: int, world
         except Exception as e:  # noqa: BLE001 (passed on to every process below)
             error = e
     broadcast_error(error, world_size)
+    annotations = os.path.join(data, "annotations", f"instances_{config.TRAIN_SPLIT}.json")
+    if not os.path.exists(annotations):
+        hint = (f"; to write the synthetic shapes data set there, add --make-data (without --data it is written to "
+                f"{shapes.DEFAULT_ROOT})" if shapes_preset else "")
+        raise SystemExit(f"--data {data}: no annotations for {config.TRAIN_SPLIT} there ({annotations} does not "
+                         f"exist){hint}")
     dataset = coco.CocoDataset(data, config.TRAIN_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
     if dataset.num_classes > config.NUM_CLASSES:
         raise SystemExit(f"the data set has labels up to {dataset.num_classes - 1} but NUM_CLASSES="
@@ -312,7 +441,14 @@ def seed_everything(seed: int):
 
 
 def rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's random state in plain types (tensors, ints, tuples), so that a checkpoint loads with
+    weights_only=True: numpy's (name, keys array, position, has_gauss, cached_gaussian) has its keys as
+    an int64 tensor."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -320,16 +456,20 @@ def rng_state(device) -> dict:
 
 def set_rng_state(state: dict, device):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(run: Run):
-    """Writes OUT/last.pth, and OUT/model_<iteration>.pth every CHECKPOINT_PERIOD and at MAX_ITERS, each
+    """Writes OUT/model_<iteration>.pth every CHECKPOINT_PERIOD and at MAX_ITERS, then OUT/last.pth, each
     atomically: model, optimizer, scheduler, scaler, iteration, every process's random state, config,
-    training seconds. Every process must call it (the random states are gathered to the first one)."""
+    training seconds. The snapshot goes first: a run killed while writing it still has the previous
+    last.pth, so --resume writes that snapshot again (the other order would lose it for good). Every
+    process must call it (the random states are gathered to the first one)."""
     states = [rng_state(run.device)]
     if run.world_size > 1:
         mine, states = states[0], [None] * run.world_size
@@ -339,9 +479,9 @@ def save_checkpoint(run: Run):
              "iteration": run.iteration, "rng": states, "config": run.config.to_dict(),
              "train_seconds": run.train_seconds}
     if run.main_process:
-        save_atomic(state, run.last_path)
         if run.iteration % run.config.CHECKPOINT_PERIOD == 0 or run.iteration == run.config.MAX_ITERS:
             save_atomic(state, os.path.join(run.out, f"model_{run.iteration:07d}.pth"))
+        save_atomic(state, run.last_path)
 
 
 def restore(run: Run, checkpoint: dict):
@@ -362,8 +502,22 @@ def restore(run: Run, checkpoint: dict):
         seed_everything(run.config.SEED + run.rank)
 
 
+def apply_optimizer_settings(run: Run):
+    """Puts the config's LEARNING_RATE, LEARNING_MOMENTUM and WEIGHT_DECAY into the optimizer's param
+    groups and the schedule's base, and sets the next step's learning rate to LEARNING_RATE *
+    lr_factor(iteration): after restore, whose optimizer state carries the checkpoint's values, so that
+    --resume --set LEARNING_RATE=... applies. With nothing changed it recomputes exactly what the
+    schedule had set (resumed runs stay bit for bit the same)."""
+    config = run.config
+    run.scheduler.base_lrs = [config.LEARNING_RATE for _ in run.optimizer.param_groups]
+    factor = lr_factor(run.iteration, config)
+    for group in run.optimizer.param_groups:
+        group.update(initial_lr=config.LEARNING_RATE, lr=config.LEARNING_RATE * factor,
+                     momentum=config.LEARNING_MOMENTUM, weight_decay=config.WEIGHT_DECAY)
+
+
 ############################################################
-#  Logging, evaluation, Ctrl-C
+#  Logging, evaluation, signals, the folder lock
 ############################################################
 
 
@@ -461,31 +615,97 @@ def evaluate(run: Run, log: TrainingLog) -> Optional[dict]:
     return metrics
 
 
-class StopOnCtrlC:
-    """Ctrl-C during training, as a context manager around the loop: the first SIGINT sets `requested`,
-    so that the loop finishes its step, saves and stops; a second raises KeyboardInterrupt at once.
-    The handler is installed only when `enabled` and in the main thread (Python allows signal handlers
-    only there; under torchrun the launcher stops the workers), and the previous one is put back on exit."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption, `kill`); `signum` says
+    which (main exits with 128 + signum, as a shell reports a process the signal ended)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM during training, as a context manager around the loop: the first
+    signal sets `requested` (and `signum`), so that the loop finishes its step, saves and stops; with
+    `repeat_stops` a second one raises Interrupted at once. Under torchrun repeats are ignored: the
+    launcher passes on the signal it got to workers that often got it too (a terminal's Ctrl-C, a
+    cluster's SIGTERM to the whole job), and itself kills them 30 s later. The handlers are installed
+    only when `enabled` and in the main thread (Python allows signal handlers only there), and the
+    previous ones are put back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True, repeat_stops: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.repeat_stops = repeat_stops
         self.requested = False
-        self.previous = None
+        self.signum = None
+        self.previous = {}
 
     def __enter__(self):
         if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: stopping after this step (press Ctrl-C again to stop at once)")
+            if self.repeat_stops:
+                raise Interrupted(signum)
+            return
+        self.requested, self.signum = True, signum
+        logger.warning("%s: stopping after this step%s", signal.Signals(signum).name,
+                       " (send it again to stop at once)" if self.repeat_stops else "")
 
     def __exit__(self, *exc_info):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_agreed(run: Run, stop: StopOnSignal) -> bool:
+    """Whether any process was asked to stop: all of them stop after the same step, since the checkpoint
+    gathers every process's random state."""
+    if run.world_size == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class RunFolderLock:
+    """Holds OUT/.lock (with the holder's pid in it) for a run's lifetime, as a context manager, so that
+    two runs cannot write into one folder: a second one is refused with the holder's pid. The lock is
+    flock's, which the operating system releases when the process ends however it ends (no stale lock
+    after a SIGKILL); the file stays (removing it would let a third run lock a new file while a second
+    holds the old one). With `enabled` False (the other processes under torchrun) it does nothing."""
+
+    def __init__(self, out: str, enabled: bool = True):
+        self.path = os.path.join(out, ".lock")
+        self.enabled = enabled
+        self.file = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise SystemExit(f"{os.path.dirname(self.path)} is in use by another training run (pid {holder}, which "
+                             f"holds {self.path}); wait for it to end or choose another --out") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 ############################################################
@@ -493,16 +713,28 @@ class StopOnCtrlC:
 ############################################################
 
 
-@torch.enable_grad()  # also when called from code (a notebook) that turned gradients off
 def train(args):
-    """Trains as the command line (parse_args) says and returns the model."""
-    run = build_run(args)
+    """Trains as the command line (parse_args) says and returns the model: build_run, then fit. The
+    first process holds the output folder's lock (RunFolderLock) from before anything is written there
+    to the end."""
+    if args.resume:
+        last_checkpoint_path(args.out)  # refuse before the lock creates OUT
+    with RunFolderLock(args.out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return fit(build_run(args))
+
+
+@torch.enable_grad()  # also when called from code (a notebook) that turned gradients off
+def fit(run: Run) -> MaskRCNN:
+    """The training loop from run.iteration to run.end, then the last checkpoint and, at MAX_ITERS, the
+    final evaluation (OUT/metrics.json). Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved and
+    Interrupted is raised."""
     config = run.config
     log = TrainingLog(run.out, run.iteration, run.end, enabled=run.main_process)
     batches = iter(run.loader)
-    with StopOnCtrlC(enabled=run.world_size == 1) as ctrl_c:
+    stopping = False
+    with StopOnSignal(repeat_stops=run.world_size == 1) as stop:
         try:
-            while run.iteration < run.end and not ctrl_c.requested:
+            while run.iteration < run.end and not (stopping := stop_agreed(run, stop)):
                 started = time.perf_counter()
                 # The backbone stages that train from this step on (TRAINING_STAGES).
                 set_training_stage(run)
@@ -520,7 +752,7 @@ def train(args):
                     evaluate(run, log)
                     log.restart_clock()
         except KeyboardInterrupt:
-            # Stopped inside a step (a second Ctrl-C): the forward pass may already have moved BatchNorm
+            # Stopped inside a step (a second signal): the forward pass may already have moved BatchNorm
             # statistics, so nothing is saved and the last checkpoint stands.
             logger.warning("stopped inside iteration %d; %s holds the last checkpoint", run.iteration + 1,
                            run.last_path)
@@ -528,13 +760,14 @@ def train(args):
             raise
         finally:
             log.progress.close()
-    # Ctrl-C: save where the loop stopped and exit (continue with --resume).
-    if ctrl_c.requested:
-        logger.warning("interrupted; saving iteration %d to %s (continue with --resume)", run.iteration,
-                       run.last_path)
+    # Ctrl-C or SIGTERM (on any process): save where the loop stopped and exit (continue with --resume).
+    if stopping:
+        signum = stop.signum or signal.SIGTERM  # a process the signal did not reach stops with the others
+        logger.warning("%s: saving iteration %d to %s (continue with --resume)", signal.Signals(signum).name,
+                       run.iteration, run.last_path)
         save_checkpoint(run)
         log.close()
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
     # The end: the last checkpoint, and at MAX_ITERS the final evaluation in OUT/metrics.json.
     save_checkpoint(run)
     if run.main_process:
@@ -560,8 +793,8 @@ def main(argv=None):
     except FloatingPointError as error:
         logger.error("%s", error)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as error:  # Interrupted, or Ctrl-C before the training loop
+        sys.exit(128 + getattr(error, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
 
+import errno
 import json
 import math
 import numbers
 import os
+import pickle
+import re
+import shutil
 import urllib.error
+import zipfile
 
 import numpy as np
 import torch
@@ -248,15 +253,16 @@ def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
 
 
 def load_state_dict(source, backbone: str = "resnet50") -> dict:
-    """A state dict from a dict, a file, or a name in WEIGHT_URLS ("imagenet" means the config's
-    backbone), downloaded to the torch hub cache when there is a network."""
+    """A state dict (or a checkpoint dict) from a dict, a file (load_file), or a name in WEIGHT_URLS
+    ("imagenet" means the config's backbone), downloaded to the torch hub cache when there is a network."""
     if isinstance(source, dict):
         return source
     source = str(source)
     name = f"imagenet:{backbone}" if source == "imagenet" else source
     if name in WEIGHT_URLS:
         try:
-            return torch.hub.load_state_dict_from_url(WEIGHT_URLS[name], map_location="cpu", progress=False)
+            return torch.hub.load_state_dict_from_url(WEIGHT_URLS[name], map_location="cpu", progress=False,
+                                                      weights_only=True)
         except (urllib.error.URLError, OSError) as error:
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise RuntimeError(
@@ -267,7 +273,39 @@ def load_state_dict(source, backbone: str = "resnet50") -> dict:
         raise FileNotFoundError(
             f"weights not found: {source!r} is neither a file nor one of {', '.join(['imagenet', *WEIGHT_URLS])}"
         )
-    return torch.load(source, map_location="cpu", weights_only=False)
+    return load_file(source)
+
+
+class UnreadableFileError(ValueError):
+    """A weight or checkpoint file that exists but cannot be loaded: cut short, corrupt, or holding
+    Python objects that weights_only loading refuses."""
+
+
+def load_file(path) -> dict:
+    """torch.load of a weight or checkpoint file with weights_only=True (tensors and plain Python types
+    only: loading never runs code stored in the file). A file cut short (a crash or a full disk while
+    it was copied) or otherwise corrupt, or one holding other objects, raises UnreadableFileError
+    naming the file and which of the two it is."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        # torch writes zip archives; one whose directory (at its end) is intact was not cut short, so a
+        # refusal to unpickle it means it holds objects other than tensors and plain types (torch's long
+        # message names the object on one of its lines).
+        if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            lines = [line for line in str(error).splitlines() if "WeightsUnpickler error" in line] or [""]
+            raise UnreadableFileError(
+                f"{path} holds Python objects besides tensors and plain types, so it is not loaded (weights "
+                "are loaded with weights_only=True, which never runs code from the file): "
+                f"{lines[0].strip().split('. ')[0]}. If you trust the file, convert it once with "
+                "torch.load(path, weights_only=False) and save its tensors again."
+            ) from error
+        detail = "not a torch archive" if isinstance(error, pickle.UnpicklingError) else str(error).strip()[:200]
+        detail = detail or type(error).__name__
+        raise UnreadableFileError(f"{path} is incomplete or corrupt ({os.path.getsize(path):,} bytes; torch.load: "
+                                  f"{detail})") from error
 
 
 ############################################################
@@ -275,21 +313,110 @@ def load_state_dict(source, backbone: str = "resnet50") -> dict:
 ############################################################
 
 
+def temporary_path(path) -> str:
+    """Where atomic_write builds `path` (beside it, named after this process)."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+# temporary_path's names: <file name>.tmp<pid>.
+TEMPORARY_NAME = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
 def atomic_write(path, write, mode="wb"):
     """Calls write(file) on a temporary file beside `path`, flushes it to disk and renames it over
-    `path`: a crash mid-write leaves the previous file intact and no temporary file behind."""
+    `path`: a crash mid-write leaves the previous file intact and no temporary file behind (a SIGKILL
+    leaves the temporary: remove_stale_temporaries cleans it). A full disk raises OSError(ENOSPC)
+    naming `path`, the bytes the file needs and the bytes free there."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        code = out_of_space(error)
+        if code is not None:
+            raise OSError(code, out_of_space_message(path, write, mode, code)) from error
         raise
+
+
+def out_of_space(error: BaseException):
+    """ENOSPC or EDQUOT if `error` or one it arose from is a full disk (torch.save reports a failed write as
+    its own "enforce fail at inline_container.cc" RuntimeError, with the OSError as its context), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def out_of_space_message(path, write, mode, code) -> str:
+    """'No space left on device: writing <path> needs about N bytes; M bytes are free there ...'."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    try:
+        needed = f"needs about {bytes_written_by(write, mode):,} bytes"
+    except Exception:  # noqa: BLE001 (the size is a hint; the error is the full disk)
+        needed = "failed"
+    return (f"{os.strerror(code)}: writing {path} {needed}; {free:,} bytes are free there (the previous file, if "
+            "any, is intact)")
+
+
+class _ByteCounter:
+    """A file-like sink that only counts what is written to it."""
+
+    def __init__(self, text: bool):
+        self.text, self.count = text, 0
+
+    def write(self, data):
+        self.count += len(data.encode()) if self.text else len(data)
+        return len(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+
+def bytes_written_by(write, mode="wb") -> int:
+    """How many bytes write(file) writes (it is run again into a counter: no disk, no memory)."""
+    counter = _ByteCounter(text="b" not in mode)
+    write(counter)
+    return counter.count
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Removes the temporary files that atomic_write left in `folder` when its process was killed
+    (those of other processes still running are kept: they may be writing). Call it before this
+    process writes into `folder`. Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = TEMPORARY_NAME.match(name)
+        pid = None if match is None else int(match["pid"])
+        # This process has written nothing yet; a file of its pid is from a killed process whose pid was
+        # reused (containers start processes at the same small pids).
+        if pid is None or not os.path.isfile(os.path.join(folder, name)) or (pid != os.getpid() and pid_alive(pid)):
+            continue
+        os.remove(os.path.join(folder, name))
+        removed.append(name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_json_atomic(path, data):

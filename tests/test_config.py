@@ -223,3 +223,85 @@ def test_config_goes_into_a_checkpoint(tmp_path):
     torch.save({"config": c.to_dict()}, path)
     restored = Config.from_dict(torch.load(path, weights_only=True)["config"])
     assert restored.to_dict() == c.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed settings: every value is checked against the type of the attribute's default, and its range
+
+
+@pytest.mark.parametrize("text, value", [
+    ("false", False), ("False", False), ("FALSE", False), ("0", False), ("no", False), ("No", False),
+    ("true", True), ("True", True), ("1", True), ("yes", True), ("YES", True),
+])
+def test_override_reads_booleans(text, value):
+    c = Config().override([f"RPN_FOCAL_LOSS={text}"])
+    assert c.RPN_FOCAL_LOSS is value
+
+
+@pytest.mark.parametrize("assignment, key, value", [
+    ("LEARNING_RATE=1", "LEARNING_RATE", 1.0),  # an int for a float setting becomes a float
+    ("IMAGE_MIN_DIM_TRAIN=800", "IMAGE_MIN_DIM_TRAIN", (800,)),  # one number for a tuple of numbers
+    ("LR_STEPS=[5, 6]", "LR_STEPS", (5, 6)),
+    ("FOCAL_ALPHA=none", "FOCAL_ALPHA", None),
+    ("NAME=123", "NAME", "123"),  # a str setting keeps the text
+    ("TRAINING_STAGES=((0, 'heads'), (2, 'all'))", "TRAINING_STAGES", ((0, "heads"), (2, "all"))),
+])
+def test_override_reads_values_as_the_settings_type(assignment, key, value):
+    got = getattr(Config().override([assignment]), key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("RPN_FOCAL_LOSS=maybe", "a bool (true/false, 1/0, yes/no)"),
+    ("RPN_FOCAL_LOSS=2", "a bool (true/false, 1/0, yes/no)"),
+    ("BATCH_SIZE=2.5", "an int >= 1"),
+    ("BATCH_SIZE=0", "an int >= 1"),
+    ("CHECKPOINT_PERIOD=-5", "an int >= 1"),
+    ("LOG_PERIOD=0", "an int >= 1"),
+    ("LEARNING_RATE=abc", "a float >= 0"),
+    ("LEARNING_RATE=nan", "a float >= 0"),
+    ("RPN_NMS_THRESHOLD=1.5", "a float in [0, 1]"),
+    ("ROI_POSITIVE_FRACTION=-0.1", "a float in [0, 1]"),
+    ("FOCAL_ALPHA=2", "a float in [0, 1] or None"),
+    ("IMAGE_MIN_DIM_TRAIN=(640.5,)", "a tuple of int >= 1"),
+    ("ANCHOR_RATIOS=(0.5, -1)", "a tuple of float > 0"),
+    ("LR_STEPS=None", "a tuple of int >= 0"),
+    ("MAX_ITERS=true", "an int >= 1"),
+])
+def test_override_refuses_values_of_the_wrong_type_or_range(assignment, expected):
+    key, _, text = assignment.partition("=")
+    with pytest.raises(ValueError) as error:
+        Config().override([assignment])
+    message = str(error.value)
+    assert f"{key} must be {expected}; got" in message
+    assert text in message  # the value received
+
+
+def test_unknown_key_names_the_nearest_setting():
+    with pytest.raises(KeyError, match="did you mean LEARNING_RATE"):
+        Config().override(["LERNING_RATE=0.1"])
+    with pytest.raises(KeyError, match="did you mean NUM_CLASSES"):
+        Config(NUM_CLASS=4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(RPN_FOCAL_LOSS="false"), "RPN_FOCAL_LOSS must be a bool"),
+    (dict(HFLIP=1), "HFLIP must be a bool"),
+    (dict(MAX_ITERS=0), "MAX_ITERS must be an int >= 1"),
+    (dict(MASK_THRESHOLD=1.5), "MASK_THRESHOLD must be a float in [0, 1]"),
+    (dict(NAME=5), "NAME must be a str"),
+])
+def test_config_and_from_dict_check_types(settings, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        Config(**settings)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        Config.from_dict({**Config().to_dict(), **settings})
+
+
+def test_a_subclass_keeps_the_types_of_config():
+    class Mine(Config):
+        HFLIP = "no"  # a str where Config has a bool
+
+    with pytest.raises(ValueError, match="HFLIP must be a bool"):
+        Mine()
+    assert type(Config(LEARNING_RATE=1).LEARNING_RATE) is float

@@ -1,8 +1,10 @@
 """Tests of train.py: a short run and everything it writes, the learning-rate schedule, exact resumption
-(after --iters, and after a real SIGKILL), two processes under torchrun (gloo), the stop on a non-finite
-loss, atomic checkpoints, staged training and clear errors on bad input; and, in this process, each piece
-of the loop alone (build_run, train_step, the checkpoint round trip, TrainingLog, evaluate, StopOnCtrlC)
-and MaskRCNN.from_checkpoint.
+(after --iters, and after a real SIGKILL, SIGINT or SIGTERM), two processes under torchrun (gloo), the stop
+on a non-finite loss, atomic checkpoints, staged training and clear errors on bad input; the output folder
+(a fresh run refuses an old one's checkpoints, the lock against a second run, the snapshot written before
+last.pth, stale temporaries removed, a truncated last.pth), settings changed on --resume, the data folder
+(a mistyped --data is an error); and, in this process, each piece of the loop alone (build_run,
+train_step, the checkpoint round trip, TrainingLog, evaluate, StopOnSignal) and MaskRCNN.from_checkpoint.
 
 Everything runs on CPU with a tiny model on a tiny shapes data set (64 px images), one thread per process
 (the machine is shared). Expected values are hand-computed from the documented formulas (the SGD update,
@@ -89,7 +91,8 @@ def run(data, out, *settings, resume=False, iters=None):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint as --resume and from_checkpoint load it: tensors and plain types only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def initial_weights(*settings):
@@ -245,14 +248,16 @@ def test_resume_after_iters_is_bit_for_bit_the_same_run(data, reference, tmp_pat
         (reference / "metrics.json").read_text())["segm"]
 
 
-def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SIGKILL):
-    """Starts `python train.py` and sends it `sig` once its log reports `min_iteration`. Returns False if
-    it finished first."""
+def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SIGKILL, processes=1, settings=()):
+    """Starts `python train.py` (under torchrun with several `processes`) and sends it (the launcher) `sig`
+    once its log reports `min_iteration`. Returns False if it finished first."""
     out.mkdir(parents=True)
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     with open(out.parent / f"{out.name}.stderr", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "train.py", *train_args(data, out, *SETTINGS, f"MAX_ITERS={max_iters}")], cwd=REPO,
-            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+            [*launcher, "train.py", *train_args(data, out, *SETTINGS, f"MAX_ITERS={max_iters}", *settings)],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and process.poll() is None:
@@ -266,8 +271,8 @@ def kill_after(data, out, max_iters, min_iteration=3, timeout=240, sig=signal.SI
                 if max(logged, default=0) >= min_iteration:
                     process.send_signal(sig)
                     process.wait(timeout=timeout)
-                    if sig == signal.SIGINT:
-                        assert process.returncode == 130, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
+                    if processes == 1 and sig in (signal.SIGINT, signal.SIGTERM):  # it saves, exits as killed
+                        assert process.returncode == 128 + sig, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
                     return True
                 time.sleep(0.02)
             if process.poll() is None:
@@ -312,6 +317,32 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_bit_for_bit(data, reference,
     run(data, out, resume=True)
     assert_same_state(load(reference / "last.pth")["model"], load(out / "last.pth")["model"])
     assert [r["iteration"] for r in training_records(out)] == list(range(1, 9))
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_bit_for_bit(data, reference, tmp_path):
+    # A cluster pre-empts a job with SIGTERM: the same as Ctrl-C, exit status 128 + 15.
+    out = tmp_path / "sigterm"
+    if not kill_after(data, out, 8, sig=signal.SIGTERM):
+        pytest.skip("train.py finished before SIGTERM could be sent")
+    stopped = load(out / "last.pth")["iteration"]
+    assert 3 <= stopped <= 8
+    assert "SIGTERM: saving iteration" in (tmp_path / "sigterm.stderr").read_text()
+    run(data, out, resume=True)
+    assert_same_state(load(reference / "last.pth")["model"], load(out / "last.pth")["model"])
+    assert [r["iteration"] for r in training_records(out)] == list(range(1, 9))
+
+
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step_and_saves(data, tmp_path):
+    # torchrun passes SIGTERM on to its workers; they agree on the step to stop after and save it (only
+    # the save on a signal can write last.pth here: CHECKPOINT_PERIOD is beyond MAX_ITERS).
+    out = tmp_path / "ddp_sigterm"
+    if not kill_after(data, out, 40, min_iteration=2, sig=signal.SIGTERM, processes=2,
+                      settings=("CHECKPOINT_PERIOD=100",)):
+        pytest.skip("torchrun finished before SIGTERM could be sent")
+    checkpoint = load(out / "last.pth")
+    assert 2 <= checkpoint["iteration"] < 40 and len(checkpoint["rng"]) == 2
+    assert training_records(out)[-1]["iteration"] <= checkpoint["iteration"]
+    assert "SIGTERM: saving iteration" in (tmp_path / "ddp_sigterm.stderr").read_text()
 
 
 def test_resume_after_ctrl_c_is_bit_for_bit_the_same_run(data, reference, tmp_path, monkeypatch):
@@ -436,12 +467,13 @@ def test_save_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_path, monkeypatch):
     original = torch.save
-    last_writes = []
+    writes = []
 
     def save(state, f, *args, **kwargs):
-        if "last.pth.tmp" in getattr(f, "name", ""):
-            last_writes.append(state["iteration"])
-            if len(last_writes) == 2:
+        name = os.path.basename(getattr(f, "name", ""))
+        if ".tmp" in name:
+            writes.append((name.split(".")[0], state["iteration"]))
+            if len(writes) == 3:  # the second snapshot (each checkpoint writes model_<it> first)
                 f.write(b"PK\x03\x04 half a checkpoint")
                 raise OSError(28, "No space left on device")
         return original(state, f, *args, **kwargs)
@@ -451,7 +483,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_path,
     with pytest.raises(OSError, match="No space left"):
         run(data, out, "CHECKPOINT_PERIOD=1")
     monkeypatch.undo()
-    assert last_writes == [1, 2]
+    assert writes == [("model_0000001", 1), ("last", 1), ("model_0000002", 2)]
     assert load(out / "last.pth")["iteration"] == 1
     assert load(out / "model_0000001.pth")["iteration"] == 1
     assert not (out / "model_0000002.pth").exists()
@@ -736,17 +768,220 @@ def test_evaluate_logs_the_coco_metrics(data, tmp_path):
     assert STAT_KEYS <= metrics["segm"].keys()
 
 
-def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once():
-    previous = signal.getsignal(signal.SIGINT)
-    with train.StopOnCtrlC() as ctrl_c:
-        assert not ctrl_c.requested
-        signal.raise_signal(signal.SIGINT)
-        assert ctrl_c.requested
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is previous
-    with train.StopOnCtrlC(enabled=False) as off:  # several processes: torchrun's signals stand
-        assert signal.getsignal(signal.SIGINT) is previous and not off.requested
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_asks_to_stop_and_a_second_one_stops_at_once(signum):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with train.StopOnSignal() as stop:
+        assert not stop.requested
+        signal.raise_signal(signum)
+        assert stop.requested and stop.signum == signum
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            signal.raise_signal(signum)
+        assert stopped.value.signum == signum
+    assert {s: signal.getsignal(s) for s in previous} == previous
+    with train.StopOnSignal(enabled=False) as off:
+        assert {s: signal.getsignal(s) for s in previous} == previous and not off.requested
+    with train.StopOnSignal(repeat_stops=False) as stop:  # under torchrun the launcher passes signals on again
+        signal.raise_signal(signum)
+        signal.raise_signal(signum)
+        assert stop.requested and stop.signum == signum
+
+
+############################################################
+#  The output folder: one run at a time, nothing lost
+############################################################
+
+
+def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(data, tmp_path):
+    for name in ("last.pth", "model_0000300.pth"):  # either kind of checkpoint
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_bytes(b"the previous run")
+        (out / "log.jsonl").write_text('{"iteration": 300}\n')
+        with pytest.raises(SystemExit) as stopped:
+            run(data, out, "MAX_ITERS=1")
+        message = str(stopped.value.code)
+        assert str(out / name) in message and "--resume" in message and "another --out" in message
+        assert "--overwrite" in message
+        assert (out / name).read_bytes() == b"the previous run"
+        assert (out / "log.jsonl").read_text() == '{"iteration": 300}\n'
+        assert not (out / "config.json").exists()
+
+
+def test_overwrite_starts_a_new_run_in_place_of_the_old_one(data, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    for name in ("last.pth", "model_0000300.pth", "metrics.json", "log.jsonl", "events.out.tfevents.1.host"):
+        (out / name).write_text("the previous run")
+    (out / "notes.txt").write_text("mine")  # not a run's output: kept
+    run_ = train.build_run(train.parse_args([*train_args(data, out, *SETTINGS), "--overwrite"]))
+    assert run_.iteration == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_with_the_holders_pid(data, tmp_path):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, train\n"
+         "with train.RunFolderLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)", str(out)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as stopped:
+            run(data, out, "MAX_ITERS=1")
+        message = str(stopped.value.code)
+        assert f"pid {holder.pid}" in message and str(out) in message
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: the operating system releases its lock
+        holder.wait()
+    with train.RunFolderLock(str(out)):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_the_snapshot_is_written_before_last_pth(data, tmp_path, monkeypatch):
+    # A SIGKILL while model_<it>.pth is written must leave last.pth at the previous checkpoint, so that
+    # --resume writes the snapshot again: the snapshot goes first.
+    run_ = build(data, tmp_path)
+    written = []
+    monkeypatch.setattr(train, "save_atomic", lambda state, path: written.append(os.path.basename(path)))
+    run_.iteration = 2  # CHECKPOINT_PERIOD=2
+    train.save_checkpoint(run_)
+    run_.iteration = 3
+    train.save_checkpoint(run_)
+    assert written == ["model_0000002.pth", "last.pth", "last.pth"]
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(data, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # the pid of a process that has ended, like a run killed while saving
+    out = tmp_path / "killed"
+    out.mkdir()
+    for name in (f"last.pth.tmp{pid}", f"model_0000002.pth.tmp{pid}", "notes.tmp"):
+        (out / name).write_bytes(b"PK\x03\x04 half a checkpoint")
+    build(data, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.tmp"]
+
+
+def test_a_truncated_last_pth_names_it_and_the_newest_intact_snapshot(data, tmp_path):
+    run_ = build(data, tmp_path)
+    batches = iter(run_.loader)
+    for _ in range(3):
+        train.train_step(run_, next(batches))
+        train.save_checkpoint(run_)  # model_0000002.pth at CHECKPOINT_PERIOD=2; last.pth at 3
+    last = tmp_path / "last.pth"
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])  # e.g. a copy that did not finish
+    with pytest.raises(SystemExit) as stopped:
+        build(data, tmp_path, resume=True)
+    message = str(stopped.value.code)
+    snapshot = tmp_path / "model_0000002.pth"
+    assert f"{last} is incomplete or corrupt" in message
+    assert f"newest intact snapshot is {snapshot} (iteration 2)" in message and f"cp {snapshot} {last}" in message
+    # Following the advice resumes from iteration 2.
+    shutil.copy(snapshot, last)
+    assert build(data, tmp_path, resume=True).iteration == 2
+    # With no intact snapshot, it says so.
+    last.write_bytes(whole[:100])
+    snapshot.write_bytes(b"")
+    with pytest.raises(SystemExit, match="No model_<iteration>.pth .* is intact either"):
+        build(data, tmp_path, resume=True)
+
+
+def test_checkpoints_hold_plain_types_only(reference):
+    # weights_only=True refuses anything but tensors and plain Python types (numpy's RNG state included).
+    for path in (reference / "last.pth", reference / "model_0000008.pth"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        assert checkpoint["iteration"] == 8 and torch.is_tensor(checkpoint["rng"][0]["numpy"]["keys"])
+
+
+############################################################
+#  Settings on --resume
+############################################################
+
+
+def checkpoint_at(data, out, iterations):
+    """A run of SETTINGS stopped after `iterations` steps, with its checkpoint; returns the Run."""
+    run_ = build(data, out)
+    batches = iter(run_.loader)
+    for _ in range(iterations):
+        train.train_step(run_, next(batches))
+    train.save_checkpoint(run_)
+    return run_
+
+
+def test_resume_applies_changed_optimizer_settings(data, tmp_path, caplog):
+    checkpoint_at(data, tmp_path, 3)
+    with caplog.at_level(logging.INFO, logger="train"):
+        resumed = build(data, tmp_path, "LEARNING_RATE=0.5", "LEARNING_MOMENTUM=0.8", "WEIGHT_DECAY=0.001",
+                        "MAX_ITERS=16", resume=True)
+    # The shapes schedule (cosine to MAX_ITERS, warm-up done at WARMUP_ITERS=2), from the new values:
+    # next lr = 0.5 * 0.5 * (1 + cos(pi * 3 / 16)) = 0.5 * 0.9157348062
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.5 * 0.9157348062, rel=1e-9)
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 0.001 and resumed.scheduler.base_lrs == [0.5]
+    assert resumed.end == 16
+    resumed.optimizer.step()
+    resumed.scheduler.step()  # the schedule goes on from the new base: 0.5 * 0.5 * (1 + cos(pi * 4 / 16))
+    assert group["lr"] == pytest.approx(0.5 * 0.8535533906, rel=1e-9)
+    logged = caplog.text
+    assert "LEARNING_RATE 0.01 -> 0.5" in logged and "LEARNING_MOMENTUM 0.9 -> 0.8" in logged
+    assert "MAX_ITERS 8 -> 16" in logged
+    assert json.loads((tmp_path / "config.json").read_text())["LEARNING_RATE"] == 0.5
+
+
+@pytest.mark.parametrize("setting, kind", [("FPN_CHANNELS=32", "network"), ("BACKBONE=resnet34", "network"),
+                                           ("BATCH_SIZE=4", "data pipeline"), ("IMAGE_MIN_DIM_TRAIN=(48,)",
+                                                                               "data pipeline")])
+def test_resume_refuses_changes_to_the_network_or_the_data(data, tmp_path, setting, kind):
+    checkpoint_at(data, tmp_path, 1)
+    before = (tmp_path / "last.pth").read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        build(data, tmp_path, setting, resume=True)
+    message = str(stopped.value.code)
+    assert f"--resume cannot change {setting.split('=')[0]} ({kind}" in message and "--weights" in message
+    assert (tmp_path / "last.pth").read_bytes() == before
+
+
+def test_resume_warns_that_config_and_weights_are_ignored(data, tmp_path, caplog):
+    checkpoint_at(data, tmp_path, 1)
+    args = [*train_args(data, tmp_path, resume=True), "--weights", "imagenet"]
+    with caplog.at_level(logging.WARNING, logger="train"):
+        resumed = train.build_run(train.parse_args(args))
+    assert resumed.iteration == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("--config shapes is ignored with --resume") for m in warnings)
+    assert any(m.startswith("--weights imagenet is ignored with --resume") for m in warnings)
+
+
+############################################################
+#  The data folder
+############################################################
+
+
+def test_a_mistyped_data_folder_is_an_error_not_a_new_data_set(tmp_path, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the shapes data set was written")
+
+    monkeypatch.setattr(shapes, "generate", no_generation)
+    typo = tmp_path / "data" / "shapez"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--config", "shapes", "--data", str(typo), "--out", str(tmp_path / "out"), "--set", *SETTINGS])
+    message = str(stopped.value.code)
+    assert str(typo) in message and "no annotations" in message and "--make-data" in message
+    assert not typo.exists()
+
+
+def test_make_data_and_the_default_folder_write_the_shapes_data_set(tmp_path, monkeypatch):
+    small = shapes.generate
+    monkeypatch.setattr(shapes, "generate", lambda out, **kwargs: small(out, train=4, val=2, size=64))
+    asked = tmp_path / "asked"
+    run_ = train.build_run(train.parse_args([*train_args(asked, tmp_path / "a", *SETTINGS), "--make-data"]))
+    assert run_.data == str(asked) and (asked / "annotations" / "instances_train.json").exists()
+    default = tmp_path / "default" / "shapes"
+    monkeypatch.setattr(shapes, "DEFAULT_ROOT", str(default))
+    run_ = train.build_run(train.parse_args(["--config", "shapes", "--out", str(tmp_path / "b"), "--set", *SETTINGS]))
+    assert run_.data == str(default) and (default / "annotations" / "instances_train.json").exists()
 
 
 ############################################################

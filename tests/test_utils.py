@@ -1,9 +1,15 @@
 """Tests of utils: IoU and areas (against torchvision), RLE and polygons (against hand-made masks and
-pycocotools), image conversion and loading, weight file loading, JSON written atomically (the file is whole or
-unchanged)."""
+pycocotools), image conversion and loading, weight file loading (weights_only, files cut short), files
+written atomically (the file is whole or unchanged; a full disk, simulated by a file whose write raises
+ENOSPC, names the file and the bytes it needs, compared with the size torch.save gives on a disk with
+room), and the removal of the temporaries a killed process left."""
 
+import errno
 import json
 import os
+import re
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -243,3 +249,84 @@ def test_write_json_atomic(tmp_path):
     utils.write_json_atomic(str(path), {"AP": 0.7})
     assert json.loads(path.read_text()) == {"AP": 0.7}
     assert os.listdir(path.parent) == ["metrics.json"]
+
+
+class FullDisk:
+    """A file whose device fills up after `room` bytes: write raises OSError(ENOSPC), as the kernel does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+def test_a_full_disk_names_the_file_and_the_space_needed_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    state = {"weights": torch.arange(250_000, dtype=torch.float32)}  # 1 MB of data
+    utils.atomic_write(str(path), lambda f: torch.save({"old": torch.ones(3)}, f))
+    old = path.read_bytes()
+    torch.save(state, tmp_path / "reference.pth")
+    size = (tmp_path / "reference.pth").stat().st_size  # what the file takes on a disk with room
+    monkeypatch.setattr(utils, "open", lambda name, mode: FullDisk(open(name, mode), room=100_000), raising=False)
+    with pytest.raises(OSError) as error:
+        utils.atomic_write(str(path), lambda f: torch.save(state, f))
+    monkeypatch.undo()
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC
+    assert "No space left on device" in message and str(path) in message
+    needed = int(re.search(r"needs about ([\d,]+) bytes", message)[1].replace(",", ""))
+    assert abs(needed - size) < 0.01 * size
+    assert re.search(r"[\d,]+ bytes are free there", message)
+    assert path.read_bytes() == old  # the previous file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "reference.pth"]
+
+
+def test_remove_stale_temporaries_removes_only_those_of_dead_processes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    names = {
+        f"last.pth.tmp{dead_pid}": False,  # left by a killed run: removed
+        f"model_0000300.pth.tmp{dead_pid}": False,
+        f"log.jsonl.tmp{os.getpid()}": False,  # this process has written nothing yet: its pid was reused
+        "config.json.tmp1": True,  # pid 1 is running: it may be writing
+        "notes.tmp": True,  # not atomic_write's naming
+        "data.tmp12x": True,
+        "last.pth": True,
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = utils.remove_stale_temporaries(str(tmp_path))
+    assert sorted(removed) == sorted(name for name, kept in names.items() if not kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name, kept in names.items() if kept)
+    # The naming it knows is atomic_write's own.
+    assert utils.TEMPORARY_NAME.match(os.path.basename(utils.temporary_path(str(tmp_path / "x.pth"))))
+
+
+def test_load_file_loads_with_weights_only_and_names_a_cut_file(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.arange(100_000), "config": {"NAME": "x", "SIZES": [1, 2]}}, path)
+    loaded = utils.load_file(str(path))
+    assert torch.equal(loaded["a"], torch.arange(100_000)) and loaded["config"] == {"NAME": "x", "SIZES": [1, 2]}
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(utils.UnreadableFileError, match=re.escape(str(path)) + " is incomplete or corrupt"):
+        utils.load_file(str(path))
+    path.write_bytes(b"")
+    with pytest.raises(utils.UnreadableFileError, match="incomplete or corrupt"):
+        utils.load_file(str(path))
+    torch.save({"state": np.random.get_state()}, path)  # numpy arrays are no plain type for weights_only
+    with pytest.raises(utils.UnreadableFileError, match="holds Python objects besides tensors"):
+        utils.load_file(str(path))
