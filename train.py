@@ -778,6 +778,7 @@ def fit(run: Run) -> MaskRCNN:
         if run.main_process:
             utils.write_json_atomic(os.path.join(run.out, "metrics.json"),
                                     {"bbox": metrics["bbox"], "segm": metrics["segm"],
+                                     "per_class": metrics["per_class"],
                                      "train_seconds": round(run.train_seconds, 1), "iteration": run.iteration})
     log.close()
     if run.world_size > 1:

@@ -159,7 +159,7 @@ def test_training_and_evaluation_refuse_a_nan_polygon_before_any_mask_is_made(tm
     write_file(tmp_path, images, [ann(5, image_id=2, segmentation=[[1, 1, 9, float("nan"), 5, 9]])], CATEGORIES,
                split="val")
     with pytest.raises(ValueError, match=r"image 2, annotation 5: segmentation\[0\] has a coordinate nan") as error:
-        train.training_set(str(tmp_path), Config(NUM_CLASSES=3, TRAIN_SPLIT="train"), False, 0, 1)
+        train.training_set(str(tmp_path), Config(NUM_CLASSES=3, TRAIN_SPLIT="train"), 0, 1)
     assert str(path) in str(error.value)
     cfg = Config(NUM_CLASSES=3, BACKBONE="resnet18", FPN_CHANNELS=16, BOX_HEAD_DIM=16, MASK_HEAD_CHANNELS=8,
                  MASK_HEAD_CONVS=1)

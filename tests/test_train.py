@@ -213,6 +213,11 @@ def test_short_run_writes_logs_checkpoints_and_metrics(reference):
         assert STAT_KEYS <= metrics[kind].keys()
         assert all(-1.0 <= metrics[kind][k] <= 1.0 for k in STAT_KEYS)
     assert metrics["train_seconds"] > 0 and metrics["iteration"] == 8
+    # AP per class of the shapes data set, each None (no detection matched) or a fraction.
+    for kind in ("bbox", "segm"):
+        table = metrics["per_class"][kind]
+        assert sorted(table) == sorted(shapes.CLASSES)
+        assert all(row[stat] is None or 0.0 <= row[stat] <= 1.0 for row in table.values() for stat in ("AP", "AP50"))
     evaluations = [r for r in log_records(out) if "eval" in r]
     assert len(evaluations) == 1 and evaluations[0]["iteration"] == 8
     assert evaluations[0]["eval"]["bbox"] == metrics["bbox"]
