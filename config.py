@@ -307,6 +307,9 @@ class Config:
     # are contiguous 1..K and the data set keeps the map to its category ids.
     LABELS_ARE_CATEGORY_IDS = True
     CLASS_NAMES = COCO_CLASS_NAMES
+    # Take NUM_CLASSES and CLASS_NAMES from the training data set's categories when training starts (the
+    # custom preset): one's own data then needs no class count written by hand.
+    CLASSES_FROM_DATA = False
 
     # ---- Data (coco.py): <data>/annotations/instances_<split>.json and images in <data>/<split>/ ----
     TRAIN_SPLIT = "train2017"
@@ -495,8 +498,42 @@ class ShapesConfig(Config):
     LOG_PERIOD = 10
 
 
+class CustomConfig(Config):
+    """Fine-tuning on one's own data (`python train.py --config custom --data DATA --weights coco`): a few
+    hundred images in our layout (`python coco.py convert` writes it), any number of classes.
+
+    - The network is torchvision's COCO R50-FPN (v1), so `--weights coco` loads all of it but the
+      class-specific layers (box classifier and regressor, mask logits), which are skipped because their
+      shape differs (logged). Frozen BN with eps 0 as those weights need.
+    - NUM_CLASSES and CLASS_NAMES come from the data set (CLASSES_FROM_DATA); labels are 1..K.
+    - The schedule is matterport's two stages for small data sets: the heads alone first (the new
+      layers start random, and a few hundred images would pull the pretrained backbone far with large
+      early gradients), then the whole network. 1,500 steps of 4 images are about 20 epochs of 300
+      images; lr 0.01 is torchvision's 0.02 for 16 images scaled down for the smaller batch, with a
+      short warm-up and cosine decay, and clipping as in the shapes preset.
+    """
+
+    NAME = "custom"
+    CLASSES_FROM_DATA = True
+    LABELS_ARE_CATEGORY_IDS = False
+    NUM_CLASSES = 2
+    CLASS_NAMES = ("__background__", "object")
+    TRAIN_SPLIT = "train"
+    VAL_SPLIT = "val"
+    BATCH_SIZE = 4
+    LEARNING_RATE = 0.01
+    WARMUP_ITERS = 50
+    LR_SCHEDULE = "cosine"
+    MAX_ITERS = 1500
+    TRAINING_STAGES = ((0, "heads"), (500, "all"))
+    GRADIENT_CLIP_NORM = 10.0
+    CHECKPOINT_PERIOD = 250
+    EVAL_PERIOD = 500
+    LOG_PERIOD = 10
+
+
 # The presets that --config names.
-CONFIGS = {"coco": Config, "shapes": ShapesConfig}
+CONFIGS = {"coco": Config, "shapes": ShapesConfig, "custom": CustomConfig}
 
 
 def named_config(name: str) -> Config:

@@ -2,6 +2,7 @@
 
     python train.py --config shapes --out runs/shapes                 # the synthetic default, on CPU
     python train.py --config coco --data /path/to/coco --weights imagenet --out runs/coco
+    python train.py --config custom --data data/mine --weights coco --out runs/mine   # fine-tune on your own
     python train.py ... --resume                                      # continue exactly where it stopped
     torchrun --nproc_per_node=8 train.py --config coco ...            # gloo on CPU, nccl on GPU
 
@@ -150,7 +151,8 @@ class Run:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Mask R-CNN (one process, or many under torchrun).")
-    parser.add_argument("--config", help="preset: shapes (synthetic, the default) or coco; with --resume the "
+    parser.add_argument("--config", help="preset: shapes (synthetic, the default), coco, or custom (one's own "
+                        "data: classes from the data set, a fine-tuning schedule); with --resume the "
                         "checkpoint's settings are used instead")
     parser.add_argument("--data", help="data root with annotations/ and the image folders (default: "
                         f"{shapes.DEFAULT_ROOT} for shapes, written there if missing)")
@@ -214,7 +216,7 @@ def build_run(args) -> Run:
     data = coco.data_root(preset, args.data)
     write_shapes = checkpoint is None and coco.may_write_shapes(preset, data, asked=args.make_data)
     train_set = training_set(data, config, rank, world_size, shapes_preset=preset == "shapes",
-                             write_shapes=write_shapes)
+                             write_shapes=write_shapes, adopt_classes=checkpoint is None)
     if model is None:
         seed_everything(config.SEED + rank)
         model = MaskRCNN(config).to(device)
@@ -332,10 +334,11 @@ def resume_changes(checkpoint: dict, overrides, path: str) -> dict:
 
 
 def training_set(data: str, config: Config, rank: int, world_size: int, shapes_preset: bool = False,
-                 write_shapes: bool = False) -> coco.CocoDataset:
+                 write_shapes: bool = False, adopt_classes: bool = False) -> coco.CocoDataset:
     """The TRAIN_SPLIT of `data`. With `write_shapes` the first process writes the shapes data set there
     first when it is missing (the others wait, and all of them stop if it fails). A `data` without the
-    split's annotations is a SystemExit naming it (for the shapes preset, with how to write it there)."""
+    split's annotations is a SystemExit naming it (for the shapes preset, with how to write it there).
+    With `adopt_classes` (a new run) and CLASSES_FROM_DATA, `config` takes the data set's classes."""
     error = None
     if rank == 0 and write_shapes:
         try:
@@ -350,6 +353,12 @@ def training_set(data: str, config: Config, rank: int, world_size: int, shapes_p
         raise SystemExit(f"--data {data}: no annotations for {config.TRAIN_SPLIT} there ({annotations} does not "
                          f"exist){hint}")
     dataset = coco.CocoDataset(data, config.TRAIN_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
+    if adopt_classes and config.CLASSES_FROM_DATA and (config.NUM_CLASSES, config.CLASS_NAMES) != (dataset.num_classes,
+                                                                                  tuple(dataset.class_names)):
+        config.NUM_CLASSES, config.CLASS_NAMES = dataset.num_classes, tuple(dataset.class_names)
+        config.validate()
+        logger.info("classes from %s: NUM_CLASSES=%d (%s)", dataset.annotation_file, config.NUM_CLASSES,
+                    ", ".join(config.CLASS_NAMES[1:]))
     if dataset.num_classes > config.NUM_CLASSES:
         raise SystemExit(f"the data set has labels up to {dataset.num_classes - 1} but NUM_CLASSES="
                          f"{config.NUM_CLASSES}; use --set NUM_CLASSES={dataset.num_classes}")

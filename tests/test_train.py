@@ -1017,3 +1017,42 @@ def test_from_checkpoint_of_weights_without_a_config(reference, tmp_path):
     assert_same_state(model.state_dict(), state)
     assert model.config.MASK_THRESHOLD == 0.25 and type(model.config) is type(config)
     assert config.MASK_THRESHOLD == 0.5  # the caller's config is copied, not changed
+
+
+############################################################
+#  Fine-tuning on one's own data: the custom preset
+############################################################
+
+
+def test_custom_preset_takes_the_classes_from_the_data_and_skips_the_class_specific_layers(data, tmp_path, caplog):
+    # A COCO-like source model (91 classes) of the same small architecture, saved as a weights file.
+    small = [s for s in SETTINGS if not s.startswith(("MAX_ITERS", "CHECKPOINT_PERIOD"))]
+    small += ["BACKBONE=resnet18", "MAX_ITERS=2", "CHECKPOINT_PERIOD=2", "TRAINING_STAGES=((0,'heads'),(1,'all'))"]
+    source_config = Config(NUM_CLASSES=91).override([s for s in small if not s.startswith("TRAINING_STAGES")])
+    source = MaskRCNN(source_config)
+    weights = tmp_path / "coco_like.pth"
+    torch.save(source.state_dict(), weights)
+    args = ["--config", "custom", "--data", str(data), "--weights", str(weights), "--out", str(tmp_path / "run"),
+            "--set", *small]
+    with caplog.at_level(logging.INFO):
+        run_ = train.build_run(train.parse_args(args))
+    # The shapes data set has 4 categories: 1 + 4 classes, named as in its annotation file.
+    assert run_.config.NUM_CLASSES == 5
+    assert run_.config.CLASS_NAMES == ("__background__", *shapes.CLASSES)
+    assert run_.model.roi_heads.box_predictor.cls_score.out_features == 5
+    # Everything but the class-specific layers came from the weights file; those were skipped, and logged.
+    own, given = run_.model.state_dict(), source.state_dict()
+    class_specific = {k for k in given if given[k].shape != own[k].shape}
+    assert class_specific == {
+        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight", "roi_heads.mask_predictor.mask_fcn_logits.bias",
+    }
+    assert all(torch.equal(own[k], given[k]) for k in given if k not in class_specific)
+    assert "skipped (shape differs)" in caplog.text and "cls_score" in caplog.text
+    # The first stage trains the heads alone.
+    assert run_.layers == 0
+    train.fit(run_)
+    checkpoint = load(tmp_path / "run" / "last.pth")
+    assert checkpoint["iteration"] == 2 and checkpoint["config"]["NUM_CLASSES"] == 5
+    assert checkpoint["config"]["CLASS_NAMES"] == ["__background__", *shapes.CLASSES]
