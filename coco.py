@@ -1,4 +1,5 @@
-"""COCO-format data (pycocotools): the training data set, its batch sampler, and evaluation with COCOeval.
+"""COCO-format data (pycocotools): the training data set, its batch sampler, and evaluation with COCOeval
+(bbox, segm, and Boundary AP when faster-coco-eval is installed).
 
 Layout, as COCO's: <data>/annotations/instances_<split>.json and the images in <data>/<split>/.
 
@@ -19,6 +20,11 @@ import torch.distributed as dist
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+try:  # optional: Boundary AP (see coco_metrics)
+    import faster_coco_eval
+except ImportError:
+    faster_coco_eval = None
 
 import shapes
 import utils
@@ -224,7 +230,7 @@ class TrainingBatchSampler(torch.utils.data.Sampler):
 
 
 ############################################################
-#  Evaluation (COCOeval, bbox and segm)
+#  Evaluation (COCOeval, bbox, segm and boundary)
 ############################################################
 
 
@@ -242,17 +248,28 @@ def detections_to_coco(output, image_id, label_to_category, mask_threshold):
     return results
 
 
+def coco_evaluator(coco_gt, results, kind):
+    """pycocotools' COCOeval for kind "bbox" or "segm"; for "boundary", faster-coco-eval's, whose
+    Boundary AP (Cheng et al., CVPR 2021) is mask AP with each IoU replaced by min(mask IoU, boundary
+    IoU), a mask's boundary being its pixels within d = 2% of the image diagonal of its contour (the
+    mask minus its erosion by d). Its bbox and segm numbers equal pycocotools' on the shapes data."""
+    if kind == "boundary":
+        gt = faster_coco_eval.COCO(coco_gt.dataset, use_deepcopy=True)  # it adds RLEs to the annotations
+        return faster_coco_eval.COCOeval_faster(gt, gt.loadRes([dict(r) for r in results]), kind)
+    return COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), kind)
+
+
 def coco_metrics(coco_gt, results, image_ids=None):
-    """COCOeval for bbox and segm. Returns ({"bbox": {AP, AP50, ...}, "segm": {...}}, printable table)."""
+    """COCOeval for bbox, segm and (with faster-coco-eval installed) boundary. Returns
+    ({"bbox": {AP, AP50, ...}, "segm": {...}, "boundary": {...}}, printable table)."""
     metrics, table = {}, []
-    for kind in ("bbox", "segm"):
+    for kind in ("bbox", "segm") + (("boundary",) if faster_coco_eval is not None else ()):
         if not results:  # pycocotools cannot load an empty result list
             metrics[kind] = dict.fromkeys(STAT_NAMES, 0.0)
             table.append(f"{kind}: no detections")
             continue
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])
-            evaluator = COCOeval(coco_gt, coco_dt, kind)
+            evaluator = coco_evaluator(coco_gt, results, kind)
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
@@ -319,7 +336,8 @@ def data_root(config_name, data=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="COCO-format evaluation (bbox and segm) with pycocotools.")
+    parser = argparse.ArgumentParser(description="COCO-format evaluation (bbox, segm and, with faster-coco-eval, "
+                                                 "Boundary AP) with pycocotools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a model on a split of a COCO-format data set")
     ev.add_argument("--config", default="coco", help="preset: coco or shapes (a checkpoint's own config wins)")
