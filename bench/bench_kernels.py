@@ -95,26 +95,28 @@ def bicubic_cases(device, dtype, generator, roi_counts=(1000, 4000),
                   feature_shape=(2, 256, IMAGE_H // 4, IMAGE_W // 4)):
     """(name, our bilinear fn, our bicubic fn) for the RoIAlign rows of `cases`, forward on an NCHW map
     (which the kernel transposes first, as in `cases`) and on a channels-last one, and backward."""
-    rows = []
     batch, channels, height, width = shape = feature_shape
+
+    def forward(x, rois, size, interpolation):
+        return lambda: our_roialign.roi_align(x, rois, size, 0.25, 2, False, interpolation)
+
+    def backward(grad, rois, size, interpolation):
+        code = our_roialign.INTERPOLATIONS[interpolation]
+        return lambda: torch.ops.maskrcnn.roi_align_backward(grad, rois, 0.25, size, size, *shape, 2, False, False,
+                                                              code)
+
+    rows = []
     features = torch.randn(batch, channels, height, width, generator=generator).to(device, dtype)
     layouts = {"NCHW": features, "channels-last": features.contiguous(memory_format=torch.channels_last)}
     for k in roi_counts:
         rois = rois_on_map(k, batch, generator, device, dtype)
         for size in (7, 14):
             for layout, x in layouts.items():
-                rows.append((
-                    f"roi_align forward, {layout}, {k} RoIs, {size}x{size}",
-                    *(lambda x=x, r=rois, s=size, m=mode: our_roialign.roi_align(x, r, s, 0.25, 2, False, m)
-                      for mode in ("bilinear", "bicubic")),
-                ))
+                rows.append((f"roi_align forward, {layout}, {k} RoIs, {size}x{size}",
+                             forward(x, rois, size, "bilinear"), forward(x, rois, size, "bicubic")))
             grad = torch.randn(k, channels, size, size, generator=generator).to(device, dtype)
-            rows.append((
-                f"roi_align backward, {k} RoIs, {size}x{size}",
-                *(lambda g=grad, r=rois, s=size, m=code:
-                  torch.ops.maskrcnn.roi_align_backward(g, r, 0.25, s, s, *shape, 2, False, False, m)
-                  for code in (0, 1)),
-            ))
+            rows.append((f"roi_align backward, {k} RoIs, {size}x{size}",
+                         backward(grad, rois, size, "bilinear"), backward(grad, rois, size, "bicubic")))
     return rows
 
 
