@@ -3,9 +3,9 @@
 Each RoI is split into `output_size` bins; each bin averages `sampling_ratio x sampling_ratio`
 samples of the feature map (`ceil(roi size / output size)` per axis when `sampling_ratio <= 0`).
 Boxes are in image coordinates and are multiplied by `spatial_scale` to reach the feature map.
-`aligned=False` is the original RoIAlign (torchvision's default, used by its
-Mask R-CNN): RoIs are at least 1x1 and pixel centres sit at integer coordinates. `aligned=True`
-shifts the box by -0.5 so that pixel centres sit at integer + 0.5 (detectron2's ROIAlignV2).
+`aligned=False` is the original RoIAlign (torchvision's default, used by its Mask R-CNN): RoIs are at
+least 1x1 and pixel centres sit at integer coordinates. `aligned=True` shifts the box by -0.5 so that
+pixel centres sit at integer + 0.5 (detectron2's ROIAlignV2).
 
 A sample reads the map with bilinear interpolation (4 pixels; torchvision's, the default) or bicubic
 (`interpolation="bicubic"`: 16 pixels, cubic convolution with a = -0.75, the kernel of PyTorch's

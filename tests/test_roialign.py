@@ -2,7 +2,10 @@
 
 The specification is torchvision.ops.roi_align. Expected values come from torchvision, from a plain
 PyTorch float64 reference of the RoIAlign formula written here, or from hand computation; never from
-the code under test (except where a test checks that two ways of calling it agree).
+the code under test (except where a test checks that two ways of calling it agree). Bicubic RoIAlign
+(interpolation="bicubic"; torchvision has none) is checked against a float64 reference built on
+torch.nn.functional.grid_sample(mode="bicubic", padding_mode="border", align_corners=True) at the same
+sample points, and against hand-computed cubic-convolution weights.
 """
 
 import math
