@@ -1,5 +1,6 @@
 """COCO-format data (pycocotools): the training data set, its batch sampler, evaluation with COCOeval
-(overall and per class, confusion matrix), checking a data set, and importing one from annotation tools.
+(bbox, segm, and Boundary AP when faster-coco-eval is installed; overall and per class, confusion
+matrix), checking a data set, and importing one from annotation tools.
 
 Layout, as COCO's: <data>/annotations/instances_<split>.json and the images in <data>/<split>/.
 
@@ -30,6 +31,11 @@ import torch.distributed as dist
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+try:  # optional: Boundary AP (see coco_metrics)
+    import faster_coco_eval
+except ImportError:
+    faster_coco_eval = None
 
 import shapes
 import utils
@@ -475,7 +481,7 @@ class TrainingBatchSampler(torch.utils.data.Sampler):
 
 
 ############################################################
-#  Evaluation (COCOeval, bbox and segm)
+#  Evaluation (COCOeval, bbox, segm and boundary)
 ############################################################
 
 
@@ -493,21 +499,31 @@ def detections_to_coco(output, image_id, label_to_category, mask_threshold):
     return results
 
 
+def coco_evaluator(coco_gt, results, kind):
+    """pycocotools' COCOeval for kind "bbox" or "segm"; for "boundary", faster-coco-eval's, whose
+    Boundary AP (Cheng et al., CVPR 2021) is mask AP with each IoU replaced by min(mask IoU, boundary
+    IoU), a mask's boundary being its pixels within d = 2% of the image diagonal of its contour (the
+    mask minus its erosion by d). Its bbox and segm numbers equal pycocotools' on the shapes data."""
+    if kind == "boundary":
+        gt = faster_coco_eval.COCO(coco_gt.dataset, use_deepcopy=True)  # it adds RLEs to the annotations
+        return faster_coco_eval.COCOeval_faster(gt, gt.loadRes([dict(r) for r in results]), kind)
+    return COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), kind)
+
+
 def coco_evaluators(coco_gt, results, image_ids=None, max_dets=100) -> dict:
-    """COCOeval for bbox and segm, evaluated and accumulated: {kind: COCOeval, or None without results
-    (pycocotools cannot load an empty result list)}. max_dets: the detections per image scored, COCOeval's
-    last maxDets; the others stay 1 and 10, or max_dets if lower (COCOeval sorts them, and summarize
-    reads the last for AP)."""
+    """COCOeval for bbox, segm and (with faster-coco-eval installed) boundary, evaluated and accumulated:
+    {kind: COCOeval, or None without results (pycocotools cannot load an empty result list)}. max_dets:
+    the detections per image scored, COCOeval's last maxDets; the others stay 1 and 10, or max_dets if
+    lower (COCOeval sorts them, and summarize reads the last for AP)."""
     if not is_integer(max_dets) or max_dets < 1:
         raise ValueError(f"max_dets (--max-dets) must be an integer >= 1; got {max_dets!r}")
     evaluators = {}
-    for kind in ("bbox", "segm"):
+    for kind in ("bbox", "segm") + (("boundary",) if faster_coco_eval is not None else ()):
         if not results:
             evaluators[kind] = None
             continue
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])
-            evaluator = COCOeval(coco_gt, coco_dt, kind)
+            evaluator = coco_evaluator(coco_gt, results, kind)
             evaluator.params.maxDets = [min(1, max_dets), min(10, max_dets), max_dets]
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
@@ -534,7 +550,8 @@ def coco_summary(evaluators: dict) -> tuple[dict, str]:
 
 
 def coco_metrics(coco_gt, results, image_ids=None, max_dets=100):
-    """COCOeval for bbox and segm. Returns ({"bbox": {AP, AP50, ...}, "segm": {...}}, printable table)."""
+    """COCOeval for bbox, segm and (with faster-coco-eval) boundary. Returns ({"bbox": {AP, AP50, ...},
+    "segm": {...}, "boundary": {...}}, printable table)."""
     return coco_summary(coco_evaluators(coco_gt, results, image_ids, max_dets))
 
 
@@ -1236,7 +1253,8 @@ def may_write_shapes(config_name, data, asked=False) -> bool:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="COCO-format evaluation (bbox and segm) with pycocotools.")
+    parser = argparse.ArgumentParser(description="COCO-format evaluation (bbox, segm and, with faster-coco-eval, "
+                                                 "Boundary AP) with pycocotools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a model on a split of a COCO-format data set")
     ev.add_argument("--config", default="coco", help="preset: coco or shapes (a checkpoint's own config wins)")

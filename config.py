@@ -263,7 +263,12 @@ class Config:
     ROI_POSITIVE_FRACTION = 0.25
     BOX_POOL_SIZE = 7  # RoIAlign output for the box head
     MASK_POOL_SIZE = 14  # RoIAlign output for the mask head; masks are predicted at twice this
-    POOL_SAMPLING_RATIO = 2  # bilinear samples per bin and axis (<= 0: adaptive)
+    POOL_SAMPLING_RATIO = 2  # samples per bin and axis (<= 0: adaptive)
+    # How each sample reads the feature map: "bilinear" (4 pixels; the paper's and torchvision's) or
+    # "bicubic" (4x4 pixels, cubic convolution with a = -0.75, at most 4x the pooling time; matterport's
+    # lineage claimed it slightly better). One name for both poolers, or a pair (box pooling, mask
+    # pooling), e.g. ("bilinear", "bicubic"). The mask targets are always cropped bilinearly (mask_targets).
+    POOL_INTERPOLATION = "bilinear"
     # False: the original RoIAlign (torchvision); True: half-pixel aligned (detectron2, a little better).
     POOL_ALIGNED = False
     POOL_CANONICAL_SIZE = 224  # an RoI of this size maps to level 4 (FPN paper, eq. 1)
@@ -276,9 +281,20 @@ class Config:
     SMOOTH_L1_BETA = 1.0 / 9  # box regression loss (RPN and RoI head); 0 is plain L1
 
     # ---- Focal loss (Lin et al., 2017) instead of cross entropy -----------------------------------
+    # It down-weights the examples a loss already gets right, which matters where easy examples swamp
+    # the rest; a two-stage detector's sampling already balances most of its losses, so expect little.
     # gamma = 0 with no alpha is exactly the ordinary loss.
-    RPN_FOCAL_LOSS = False  # for RPN objectness
-    BOX_FOCAL_LOSS = False  # for the box classifier (softmax focal loss)
+    # RPN objectness: worth it when the anchors are not balanced by sampling (a small
+    # RPN_POSITIVE_FRACTION, or a large RPN_BATCH_SIZE_PER_IMAGE on images with few objects).
+    RPN_FOCAL_LOSS = False
+    # The box classifier (softmax focal loss): many easy background RoIs (a small
+    # ROI_POSITIVE_FRACTION), or rare classes the cross entropy of the common ones drowns out.
+    BOX_FOCAL_LOSS = False
+    # The mask loss (sigmoid focal loss per pixel of each foreground RoI's own class): objects whose
+    # masks are mostly easy pixels (large uniform interiors, thin parts), to weigh the hard pixels near
+    # the boundary more.
+    MASK_FOCAL_LOSS = False
+    # Shared by the three switches, so that an ablation changes one switch at a time.
     FOCAL_GAMMA = 2.0
     FOCAL_ALPHA = None  # weight of positives in [0, 1] (RetinaNet: 0.25), or None for no weighting
 

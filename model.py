@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import utils
 from config import Config
 from nms import batched_nms
-from roialign import roi_align
+from roialign import interpolation_code, roi_align
 
 logger = logging.getLogger(__name__)
 
@@ -689,13 +689,24 @@ class RPN(nn.Module):
 ############################################################
 
 
+def pool_interpolations(setting) -> tuple[str, str]:
+    """POOL_INTERPOLATION (one name, or a pair) -> (box pooling, mask pooling) interpolation."""
+    if isinstance(setting, str):
+        return setting, setting
+    if isinstance(setting, (tuple, list)) and len(setting) == 2:
+        return tuple(setting)
+    raise ValueError(f"POOL_INTERPOLATION must be 'bilinear', 'bicubic' or a pair (box pooling, mask pooling) of "
+                     f"them; got {setting!r}")
+
+
 class PyramidRoIAlign(nn.Module):
     """RoIAlign on the FPN level that suits each box's size (FPN paper, eq. 1):
-    level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5."""
+    level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5. `interpolation`: "bilinear" or "bicubic"."""
 
-    def __init__(self, output_size: int, config: Config):
+    def __init__(self, output_size: int, config: Config, interpolation: str = "bilinear"):
         super().__init__()
         self.output_size = output_size
+        self.interpolation = interpolation_code(interpolation, "POOL_INTERPOLATION")
         self.sampling_ratio = config.POOL_SAMPLING_RATIO
         self.aligned = config.POOL_ALIGNED
         self.canonical_size = config.POOL_CANONICAL_SIZE
@@ -719,7 +730,7 @@ class PyramidRoIAlign(nn.Module):
                 # RoIs stay in float32 whatever the features' dtype (bfloat16 cannot hold pixel positions).
                 out[index] = torch.ops.maskrcnn.roi_align(
                     feature, rois[index], scale, self.output_size, self.output_size,
-                    self.sampling_ratio, self.aligned,
+                    self.sampling_ratio, self.aligned, self.interpolation,
                 )
         return out
 
@@ -884,7 +895,9 @@ def fastrcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, ta
 
 def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_gt: Tensor, size: int, aligned: bool) -> Tensor:
     """[F, size, size] float mask targets in [0, 1]: each ground-truth mask cropped to its RoI and resized
-    by our roi_align (as torchvision's project_masks_on_boxes).
+    by our roi_align (as torchvision's project_masks_on_boxes). Always bilinear, whatever
+    POOL_INTERPOLATION says for the features: bicubic would overshoot a binary mask's edges out of
+    [0, 1], and the targets are the ground truth the interpolations are compared on.
 
     gt_masks: [G, H, W] bool/uint8 in the pixels of `boxes`; boxes: [F, 4] RoIs; matched_gt: [F] index of
     each RoI's ground truth.
@@ -896,12 +909,16 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_gt: Tensor, size: int,
     return roi_align(gt_masks[:, None].to(boxes.dtype), rois, size, 1.0, -1, aligned)[:, 0]
 
 
-def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-    """Mean per-pixel BCE of each foreground RoI's mask for its own class.
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor,
+              focal: Optional[tuple[float, Optional[float]]] = None) -> Tensor:
+    """Mean per-pixel BCE (or, with focal = (gamma, alpha), sigmoid focal loss: MASK_FOCAL_LOSS) of each
+    foreground RoI's mask for its own class.
 
     mask_logits: [F, K, M, M]; labels: [F] int64 (1..K-1); targets: [F, M, M] in [0, 1]. F may be 0.
     """
     logits = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]  # (F, M, M)
+    if focal is not None:
+        return mean_over_samples(sigmoid_focal_loss, logits, targets, *focal)
     return mean_over_samples(F.binary_cross_entropy_with_logits, logits, targets)
 
 
@@ -928,8 +945,9 @@ class RoIHeads(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         c = self.config = config
-        self.box_roi_pool = PyramidRoIAlign(c.BOX_POOL_SIZE, c)
-        self.mask_roi_pool = PyramidRoIAlign(c.MASK_POOL_SIZE, c)
+        box_interpolation, mask_interpolation = pool_interpolations(c.POOL_INTERPOLATION)
+        self.box_roi_pool = PyramidRoIAlign(c.BOX_POOL_SIZE, c, box_interpolation)
+        self.mask_roi_pool = PyramidRoIAlign(c.MASK_POOL_SIZE, c, mask_interpolation)
         if c.BOX_HEAD_CONVS:
             self.box_head = conv_fc_head(c.FPN_CHANNELS, c.BOX_POOL_SIZE, c.BOX_HEAD_CONVS, c.BOX_HEAD_DIM)
         else:
@@ -982,7 +1000,8 @@ class RoIHeads(nn.Module):
         foreground_boxes = [s.boxes[s.labels > 0] for s in samples]
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, foreground_boxes, image_sizes)))
         foreground_masks = torch.cat(self.foreground_mask_targets(samples, targets))
-        losses["loss_mask"] = mask_loss(mask_logits, foreground_labels, foreground_masks)
+        focal = (self.config.FOCAL_GAMMA, self.config.FOCAL_ALPHA) if self.config.MASK_FOCAL_LOSS else None
+        losses["loss_mask"] = mask_loss(mask_logits, foreground_labels, foreground_masks, focal)
         return losses
 
     # ---- inference ----

@@ -786,8 +786,7 @@ def fit(run: Run) -> MaskRCNN:
         metrics = evaluate(run, log)
         if run.main_process:
             utils.write_json_atomic(os.path.join(run.out, "metrics.json"),
-                                    {"bbox": metrics["bbox"], "segm": metrics["segm"],
-                                     "per_class": metrics["per_class"],
+                                    {**metrics,  # bbox, segm, boundary (with faster-coco-eval), per_class
                                      "train_seconds": round(run.train_seconds, 1), "iteration": run.iteration})
     log.close()
     if run.world_size > 1:

@@ -2,9 +2,12 @@
 
     python bench/bench_kernels.py                 # CPU (and the GPU tables when CUDA is available)
     python bench/bench_kernels.py --device cpu --repeats 5
+    python bench/bench_kernels.py --device cpu --bicubic   # our RoIAlign, bicubic against bilinear
 
 Prints a markdown table per device and dtype: median milliseconds for torchvision and for us, and
-the ratio torchvision / ours (above 1 means we are faster). Inputs are shaped like Mask R-CNN's:
+the ratio torchvision / ours (above 1 means we are faster). With --bicubic the table is our RoIAlign
+with interpolation="bicubic" against our bilinear one (torchvision has no bicubic RoIAlign), and the
+ratio is bicubic / bilinear. Inputs are shaped like Mask R-CNN's:
 RPN-like clusters of boxes in an 800x1344 image, and a P2-sized feature map (stride 4) of 256 channels
 with RoIs of 16 to 512 pixels, pooled to the box head's 7x7 and the mask head's 14x14.
 """
@@ -88,11 +91,41 @@ def cases(device, dtype, generator, nms_sizes=(1000, 5000, 20000), batched_sizes
     return rows
 
 
-def measure(device, dtype, repeats, warmup=1, **sizes):
+def bicubic_cases(device, dtype, generator, roi_counts=(1000, 4000),
+                  feature_shape=(2, 256, IMAGE_H // 4, IMAGE_W // 4)):
+    """(name, our bilinear fn, our bicubic fn) for the RoIAlign rows of `cases`, forward on an NCHW map
+    (which the kernel transposes first, as in `cases`) and on a channels-last one, and backward."""
+    batch, channels, height, width = shape = feature_shape
+
+    def forward(x, rois, size, interpolation):
+        return lambda: our_roialign.roi_align(x, rois, size, 0.25, 2, False, interpolation)
+
+    def backward(grad, rois, size, interpolation):
+        code = our_roialign.INTERPOLATIONS[interpolation]
+        return lambda: torch.ops.maskrcnn.roi_align_backward(grad, rois, 0.25, size, size, *shape, 2, False, False,
+                                                              code)
+
+    rows = []
+    features = torch.randn(batch, channels, height, width, generator=generator).to(device, dtype)
+    layouts = {"NCHW": features, "channels-last": features.contiguous(memory_format=torch.channels_last)}
+    for k in roi_counts:
+        rois = rois_on_map(k, batch, generator, device, dtype)
+        for size in (7, 14):
+            for layout, x in layouts.items():
+                rows.append((f"roi_align forward, {layout}, {k} RoIs, {size}x{size}",
+                             forward(x, rois, size, "bilinear"), forward(x, rois, size, "bicubic")))
+            grad = torch.randn(k, channels, size, size, generator=generator).to(device, dtype)
+            rows.append((f"roi_align backward, {k} RoIs, {size}x{size}",
+                         backward(grad, rois, size, "bilinear"), backward(grad, rois, size, "bicubic")))
+    return rows
+
+
+def measure(device, dtype, repeats, warmup=1, make_cases=cases, **sizes):
     """One dict per case: {"case", "torchvision_ms", "ours_ms", "ratio"} (torchvision / ours; None where
-    torchvision has no kernel for the dtype). `sizes` go to `cases`."""
+    torchvision has no kernel for the dtype). `sizes` go to `make_cases`; with `bicubic_cases`, the
+    "torchvision" column is our bilinear RoIAlign and "ours" our bicubic one."""
     generator = torch.Generator().manual_seed(0)
-    for name, theirs, ours in cases(device, dtype, generator, **sizes):
+    for name, theirs, ours in make_cases(device, dtype, generator, **sizes):
         t_ours = median_seconds(ours, device, repeats, warmup) * 1000
         try:
             t_theirs = median_seconds(theirs, device, repeats, warmup) * 1000
@@ -108,15 +141,18 @@ def table_row(row) -> str:
     return f"| {row['case']} | {row['torchvision_ms']:.2f} | {row['ours_ms']:.2f} | {row['ratio']:.1f}x |"
 
 
-def table(device, dtype, repeats):
-    lines = [
-        f"### {device.type}, {str(dtype).replace('torch.', '')}",
-        "",
-        "| case | torchvision ms | ours ms | torchvision / ours |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in measure(device, dtype, repeats):
-        lines.append(table_row(row))
+def bicubic_table_row(row) -> str:
+    bilinear, bicubic = row["torchvision_ms"], row["ours_ms"]
+    return f"| {row['case']} | {bilinear:.2f} | {bicubic:.2f} | {bicubic / bilinear:.2f}x |"
+
+
+def table(device, dtype, repeats, bicubic=False):
+    header = ("| case | bilinear ms | bicubic ms | bicubic / bilinear |" if bicubic
+              else "| case | torchvision ms | ours ms | torchvision / ours |")
+    lines = [f"### {device.type}, {str(dtype).replace('torch.', '')}", "", header, "|---|---:|---:|---:|"]
+    rows = measure(device, dtype, repeats, make_cases=bicubic_cases if bicubic else cases)
+    for row in rows:
+        lines.append(bicubic_table_row(row) if bicubic else table_row(row))
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
@@ -125,6 +161,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument("--bicubic", action="store_true",
+                        help="time our bicubic RoIAlign against our bilinear one instead of torchvision")
     args = parser.parse_args()
     runs = []
     if args.device in ("cpu", "all"):
@@ -136,7 +174,7 @@ def main():
           f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     for device, dtype in runs:
         print()
-        print(table(device, dtype, args.repeats))
+        print(table(device, dtype, args.repeats, args.bicubic))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
 """RoIAlign (He et al., 2017) with torchvision's semantics, on our own CPU and CUDA kernels.
 
 Each RoI is split into `output_size` bins; each bin averages `sampling_ratio x sampling_ratio`
-bilinear samples of the feature map (`ceil(roi size / output size)` per axis when
-`sampling_ratio <= 0`). Boxes are in image coordinates and are multiplied by `spatial_scale` to reach
-the feature map. `aligned=False` is the original RoIAlign (torchvision's default, used by its
-Mask R-CNN): RoIs are at least 1x1 and pixel centres sit at integer coordinates. `aligned=True`
-shifts the box by -0.5 so that pixel centres sit at integer + 0.5 (detectron2's ROIAlignV2).
+samples of the feature map (`ceil(roi size / output size)` per axis when `sampling_ratio <= 0`).
+Boxes are in image coordinates and are multiplied by `spatial_scale` to reach the feature map.
+`aligned=False` is the original RoIAlign (torchvision's default, used by its Mask R-CNN): RoIs are at
+least 1x1 and pixel centres sit at integer coordinates. `aligned=True` shifts the box by -0.5 so that
+pixel centres sit at integer + 0.5 (detectron2's ROIAlignV2).
+
+A sample reads the map with bilinear interpolation (4 pixels; torchvision's, the default) or bicubic
+(`interpolation="bicubic"`: 16 pixels, cubic convolution with a = -0.75, the kernel of PyTorch's
+`interpolate` and `grid_sample`). Both share torchvision's out-of-map rule: a sample more than one
+pixel outside the map contributes 0, and one within that pixel is clamped onto the border. Bicubic taps
+that fall beyond the map read the border pixel (as `grid_sample(..., padding_mode="border")`), so a
+constant map pools that constant everywhere.
 
 The ops are `torch.ops.maskrcnn.roi_align` and `torch.ops.maskrcnn.roi_align_backward`, with autograd
 and fake (meta) implementations registered here. When `torch.use_deterministic_algorithms(True)` is
@@ -24,7 +31,10 @@ from extensions import load_or_build
 
 load_or_build("roialign")
 
-__all__ = ["roi_align", "RoIAlign", "boxes_to_rois"]
+__all__ = ["roi_align", "RoIAlign", "boxes_to_rois", "INTERPOLATIONS", "interpolation_code"]
+
+# The op's `interpolation` argument for each name (enum Interpolation in csrc/roi_align.h).
+INTERPOLATIONS = {"bilinear": 0, "bicubic": 1}
 
 RoIs = Union[Tensor, Sequence[Tensor]]
 
@@ -46,6 +56,13 @@ def _pair(output_size: Union[int, tuple[int, int]]) -> tuple[int, int]:
     if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ValueError(f"output_size must be a positive int or a pair (height, width) of them; got {output_size!r}")
     return size
+
+
+def interpolation_code(interpolation: str, name: str = "interpolation") -> int:
+    """The op's integer for "bilinear" or "bicubic"; `name` is the setting named in the error."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, INTERPOLATIONS))}; got {interpolation!r}")
+    return INTERPOLATIONS[interpolation]
 
 
 def _check(input: Tensor, rois: Tensor, spatial_scale: float) -> None:
@@ -84,6 +101,7 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    interpolation: str = "bilinear",
 ) -> Tensor:
     """Pools a fixed-size feature for every RoI.
 
@@ -96,6 +114,7 @@ def roi_align(
         spatial_scale: feature-map size / image size (e.g. 1/4 for FPN level P2).
         sampling_ratio: samples per bin along each axis; <= 0 for ceil(roi size / output size).
         aligned: shift boxes by -0.5 pixel (see the module docstring).
+        interpolation: "bilinear" (4 pixels per sample) or "bicubic" (16; see the module docstring).
 
     Returns:
         [K, C, PH, PW] tensor of the input's dtype.
@@ -103,9 +122,10 @@ def roi_align(
     if not isinstance(rois, Tensor):
         rois = boxes_to_rois(rois)
     pooled_h, pooled_w = _pair(output_size)
+    code = interpolation_code(interpolation, "roi_align: interpolation")
     _check(input, rois, spatial_scale)
     return torch.ops.maskrcnn.roi_align(
-        input, rois, float(spatial_scale), pooled_h, pooled_w, int(sampling_ratio), bool(aligned)
+        input, rois, float(spatial_scale), pooled_h, pooled_w, int(sampling_ratio), bool(aligned), code
     )
 
 
@@ -118,28 +138,34 @@ class RoIAlign(nn.Module):
         spatial_scale: float = 1.0,
         sampling_ratio: int = -1,
         aligned: bool = False,
+        interpolation: str = "bilinear",
     ):
         super().__init__()
         self.output_size = _pair(output_size)
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        interpolation_code(interpolation)
+        self.interpolation = interpolation
 
     def forward(self, input: Tensor, rois: Union[Tensor, list[Tensor]]) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, self.interpolation
+        )
 
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, interpolation={self.interpolation!r}"
         )
 
 
 # Autograd: the gradient flows to the feature map only (none to the boxes, as in torchvision).
 def _setup_context(ctx, inputs, output):
-    input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+    input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, interpolation = inputs
     ctx.save_for_backward(rois)
     ctx.arguments = (spatial_scale, pooled_h, pooled_w, *input.shape, sampling_ratio, aligned)
+    ctx.interpolation = interpolation
     # The backward op returns NCHW; a channels-last input gets a channels-last gradient back.
     channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
     ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -148,15 +174,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (rois,) = ctx.saved_tensors
     deterministic = torch.are_deterministic_algorithms_enabled()
-    grad_input = torch.ops.maskrcnn.roi_align_backward(grad, rois, *ctx.arguments, deterministic)
-    return grad_input.contiguous(memory_format=ctx.memory_format), None, None, None, None, None, None
+    grad_input = torch.ops.maskrcnn.roi_align_backward(grad, rois, *ctx.arguments, deterministic, ctx.interpolation)
+    return grad_input.contiguous(memory_format=ctx.memory_format), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("maskrcnn::roi_align", _backward, setup_context=_setup_context)
 
 
 @torch.library.register_fake("maskrcnn::roi_align")
-def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, interpolation=0):
     torch._check(input.dim() == 4, lambda: "roi_align: input must be [N, C, H, W]")
     torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must be [K, 5]")
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
@@ -164,5 +190,5 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, a
 
 @torch.library.register_fake("maskrcnn::roi_align_backward")
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
-      sampling_ratio, aligned, deterministic):
+      sampling_ratio, aligned, deterministic, interpolation=0):
     return grad.new_empty((batch_size, channels, height, width))

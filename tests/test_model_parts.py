@@ -19,6 +19,7 @@ from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 import model as model_module
+import roialign
 from config import Config
 from model import (
     BOX_DELTA_CLAMP,
@@ -712,3 +713,49 @@ def test_training_targets_sample_as_training_does(monkeypatch):
 def test_training_targets_reject_a_wrong_number_of_targets(small_model):
     with pytest.raises(ValueError, match="targets"):
         small_model.training_targets([uint8_image(64, 64)], [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# POOL_INTERPOLATION: bilinear or bicubic pooling, per pooler
+
+
+def test_pyramid_roi_align_bicubic_pools_each_box_on_its_level():
+    # Oracle: roialign.roi_align (tested against a float64 grid_sample reference in test_roialign.py)
+    # on the level FPN eq. 1 gives by hand: level = floor(4 + log2(sqrt(area) / 224)), clamped to 2..5.
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 4, 256 // s, 192 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = [torch.tensor([[10.0, 12.0, 40.0, 30.0], [5.5, 7.25, 180.0, 250.0]]),
+             torch.tensor([[60.0, 20.0, 150.0, 130.0], [100.3, 50.2, 112.9, 140.1]])]
+    got = model_module.PyramidRoIAlign(7, Config(POOL_ALIGNED=True), "bicubic")(features, boxes, [(256, 192)] * 2)
+    # Areas 540, 42,360, 9,900 and 1,133 px: sqrt 23.2, 205.8, 99.5, 33.7 -> levels 2, 3, 2, 2.
+    for j, (image, box, level) in enumerate([(0, 0, 2), (0, 1, 3), (1, 0, 2), (1, 1, 2)]):
+        expected = roialign.roi_align(features[level - 2][image:image + 1], [boxes[image][box:box + 1]], 7,
+                                      2.0**-level, 2, True, "bicubic")
+        torch.testing.assert_close(got[j:j + 1], expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("setting, box, mask", [("bilinear", 0, 0), ("bicubic", 1, 1), (("bilinear", "bicubic"), 0, 1),
+                                                (("bicubic", "bilinear"), 1, 0)])
+def test_pool_interpolation_picks_each_pooler(setting, box, mask):
+    heads = MaskRCNN(small_config(POOL_INTERPOLATION=setting)).roi_heads
+    assert (heads.box_roi_pool.interpolation, heads.mask_roi_pool.interpolation) == (box, mask)
+
+
+@pytest.mark.parametrize("setting", ["nearest", ("bilinear",), ("bilinear", "cubic"), 2])
+def test_bad_pool_interpolation_is_a_clear_error(setting):
+    with pytest.raises(ValueError, match=r"^POOL_INTERPOLATION must be .*; got "):
+        MaskRCNN(small_config(POOL_INTERPOLATION=setting))
+
+
+def test_bicubic_pooling_trains():
+    # Both poolers bicubic: finite losses and finite gradients everywhere.
+    torch.manual_seed(0)
+    model = MaskRCNN(small_config(POOL_INTERPOLATION="bicubic")).train()
+    image = torch.rand(3, 120, 140)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 120, 140, dtype=torch.uint8)}
+    target["masks"][0, 10:70, 10:60] = 1
+    losses = model([image], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

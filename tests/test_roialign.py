@@ -2,13 +2,17 @@
 
 The specification is torchvision.ops.roi_align. Expected values come from torchvision, from a plain
 PyTorch float64 reference of the RoIAlign formula written here, or from hand computation; never from
-the code under test (except where a test checks that two ways of calling it agree).
+the code under test (except where a test checks that two ways of calling it agree). Bicubic RoIAlign
+(interpolation="bicubic"; torchvision has none) is checked against a float64 reference built on
+torch.nn.functional.grid_sample(mode="bicubic", padding_mode="border", align_corners=True) at the same
+sample points, and against hand-computed cubic-convolution weights.
 """
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch.testing import assert_close
 
@@ -84,6 +88,27 @@ def bilinear(image, y, x):
     )
 
 
+def reference_sample_points(roi, output_size, spatial_scale, sampling_ratio, aligned):
+    """RoIAlign's sample coordinates for one roi (batch index, x1, y1, x2, y2), in float64 on the map:
+    ys [PH][grid_h] and xs [PW][grid_w] (empty lists when the adaptive grid is < 1 sample), and the
+    count that every bin's sum is divided by."""
+    pooled_h, pooled_w = output_size
+    offset = 0.5 if aligned else 0.0
+    start_x, start_y = roi[1] * spatial_scale - offset, roi[2] * spatial_scale - offset
+    width = roi[3] * spatial_scale - offset - start_x
+    height = roi[4] * spatial_scale - offset - start_y
+    if not aligned:  # the original RoIAlign: at least 1x1
+        width, height = max(width, 1.0), max(height, 1.0)
+    bin_h, bin_w = height / pooled_h, width / pooled_w
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height / pooled_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width / pooled_w)
+    count = max(grid_h * grid_w, 1)
+    # range() is empty when the grid is <= 0.
+    ys = [[start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h for iy in range(grid_h)] for ph in range(pooled_h)]
+    xs = [[start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w for ix in range(grid_w)] for pw in range(pooled_w)]
+    return ys, xs, count
+
+
 def reference_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
     """RoIAlign written out in float64 with Python loops (differentiable with respect to input)."""
     pooled_h, pooled_w = output_size
@@ -92,27 +117,52 @@ def reference_roi_align(input, rois, output_size, spatial_scale, sampling_ratio,
     outputs = []
     for roi in rois.double().tolist():
         image = input[int(roi[0])]
-        offset = 0.5 if aligned else 0.0
-        start_x, start_y = roi[1] * spatial_scale - offset, roi[2] * spatial_scale - offset
-        width = roi[3] * spatial_scale - offset - start_x
-        height = roi[4] * spatial_scale - offset - start_y
-        if not aligned:  # the original RoIAlign: at least 1x1
-            width, height = max(width, 1.0), max(height, 1.0)
-        bin_h, bin_w = height / pooled_h, width / pooled_w
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height / pooled_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width / pooled_w)
-        count = max(grid_h * grid_w, 1)
+        ys, xs, count = reference_sample_points(roi, output_size, spatial_scale, sampling_ratio, aligned)
         bins = []
         for ph in range(pooled_h):
             for pw in range(pooled_w):
                 total = input.new_zeros(channels)
-                for iy in range(grid_h):  # an empty range when grid_h <= 0
-                    y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                    for ix in range(grid_w):
-                        x = start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                for y in ys[ph]:
+                    for x in xs[pw]:
                         total = total + bilinear(image, y, x)
                 bins.append(total / count)
         outputs.append(torch.stack(bins, dim=1).reshape(channels, pooled_h, pooled_w))
+    if not outputs:
+        return input.new_zeros(0, channels, pooled_h, pooled_w)
+    return torch.stack(outputs)
+
+
+def reference_bicubic_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """Bicubic RoIAlign in float64 on torch.nn.functional.grid_sample(mode="bicubic",
+    padding_mode="border", align_corners=True), differentiable with respect to input.
+
+    The sample points are reference_sample_points'. The bilinear path's out-of-map rule: a sample more
+    than one pixel outside the map contributes 0; the others are clamped onto [0, H - 1] x [0, W - 1]
+    before sampling, and grid_sample's "border" padding then clamps each of the 4x4 taps onto the map.
+    With align_corners=True the normalised coordinates -1 and 1 are the centres of the first and last
+    pixels, so pixel coordinate x is 2 x / (W - 1) - 1 (the map must be at least 2x2).
+    """
+    pooled_h, pooled_w = output_size
+    _, channels, height, width = input.shape
+    input = input.double()
+    outputs = []
+    for roi in rois.double().tolist():
+        ys, xs, count = reference_sample_points(roi, output_size, spatial_scale, sampling_ratio, aligned)
+        ys = torch.tensor(ys, dtype=torch.float64).reshape(pooled_h, -1)  # (PH, grid_h)
+        xs = torch.tensor(xs, dtype=torch.float64).reshape(pooled_w, -1)  # (PW, grid_w)
+        grid_h, grid_w = ys.shape[1], xs.shape[1]
+        if grid_h * grid_w == 0:
+            outputs.append(input.new_zeros(channels, pooled_h, pooled_w))
+            continue
+        inside = ((ys >= -1) & (ys <= height)).reshape(-1, 1) & ((xs >= -1) & (xs <= width)).reshape(1, -1)
+        grid_y = ys.clamp(0, height - 1).reshape(-1, 1) * 2 / (height - 1) - 1
+        grid_x = xs.clamp(0, width - 1).reshape(1, -1) * 2 / (width - 1) - 1
+        grid = torch.stack(torch.broadcast_tensors(grid_x, grid_y), dim=-1)  # (PH * grid_h, PW * grid_w, 2): (x, y)
+        image = input[int(roi[0])][None]
+        values = F.grid_sample(image, grid[None], mode="bicubic", padding_mode="border", align_corners=True)[0]
+        values = values * inside  # (C, PH * grid_h, PW * grid_w)
+        bins = values.reshape(channels, pooled_h, grid_h, pooled_w, grid_w).sum(dim=(2, 4))
+        outputs.append(bins / count)
     if not outputs:
         return input.new_zeros(0, channels, pooled_h, pooled_w)
     return torch.stack(outputs)
@@ -516,6 +566,247 @@ def test_opcheck_roi_align_backward(deterministic):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Bicubic interpolation (interpolation="bicubic"): against reference_bicubic_roi_align (grid_sample) and
+# hand-computed values.
+#
+# Cubic convolution with a = -0.75 weighs the pixels at distance d from a sample by
+#   (a + 2)|d|^3 - (a + 3)|d|^2 + 1 for |d| <= 1,  a|d|^3 - 5a|d|^2 + 8a|d| - 4a for 1 < |d| < 2:
+# at t = 0 past a pixel: (0, 1, 0, 0); at t = 0.5: w(1.5) = 0.125 a = -0.09375 and
+# w(0.5) = 1.25 / 8 - 2.25 / 4 + 1 = 0.59375, so (-0.09375, 0.59375, 0.59375, -0.09375);
+# at t = 0.25: w(1.25) = a (1.953125 - 7.8125 + 10 - 4) = -0.10546875, w(0.25) = 0.87890625,
+# w(0.75) = 0.26171875, w(1.75) = a (5.359375 - 15.3125 + 14 - 4) = -0.03515625.
+# The weights always sum to 1 (a constant is reproduced); they are symmetric only at t = 0 and 0.5,
+# so a linear ramp is reproduced exactly there, but not in between (that needs a = -0.5): at t = 0.25
+# the ramp x reads -1 * w0 + 1 * w2 + 2 * w3 = 0.296875 past the pixel instead of 0.25.
+
+RAMP_8X8 = (8 * torch.arange(8, dtype=torch.float64)[:, None] + torch.arange(8, dtype=torch.float64)).reshape(
+    1, 1, 8, 8
+)
+
+
+def bicubic(t, *args, **kwargs):
+    return roialign.roi_align(t, *args, **kwargs, interpolation="bicubic")
+
+
+def point_roi(y, x):
+    """A 1x1 RoI (aligned=False) whose one sample (output 1x1, sampling_ratio 1) is at (y, x)."""
+    return torch.tensor([[0.0, x - 0.5, y - 0.5, x + 0.5, y + 0.5]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3])
+def test_bicubic_matches_reference(sampling_ratio, aligned, spatial_scale):
+    torch.manual_seed(700 + 10 * sampling_ratio + 2 * aligned + int(spatial_scale * 2))
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    rois = random_rois(8, 2, 9, 11, spatial_scale, torch.float64)
+    for output_size in ((3, 4), (2, 2)):
+        args = (output_size, spatial_scale, sampling_ratio, aligned)
+        expected, expected_grad = forward_backward(lambda t, a=args: reference_bicubic_roi_align(t, rois, *a), x)
+        out, grad = forward_backward(lambda t, a=args: bicubic(t, rois, *a), x)
+        assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
+        out32, grad32 = forward_backward(lambda t, a=args: bicubic(t, rois.float(), *a), x.float())
+        assert out32.dtype == torch.float32
+        assert_close(out32.double(), expected, atol=1e-4, rtol=1e-4)
+        assert_close(grad32.double(), expected_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_bicubic_differs_from_bilinear():
+    # The reference comparison above would pass for a kernel that ignored the argument only if the two
+    # interpolations agreed; on random data they do not.
+    torch.manual_seed(701)
+    x = torch.randn(2, 3, 12, 12)
+    rois = random_rois(10, 2, 12, 12, 1.0)
+    assert not torch.allclose(bicubic(x, rois, 3, 1.0, 2), roialign.roi_align(x, rois, 3, 1.0, 2), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_bicubic_constant_map_gives_the_constant(aligned, dtype):
+    # The weights sum to 1 and taps beyond the map read the border: every sample on the map (or within
+    # a pixel of it) reads the constant, up to the map's edges.
+    x = torch.full((1, 2, 6, 7), 3.5, dtype=dtype)
+    rois = torch.tensor([[0, 0.0, 0.0, 7.0, 6.0], [0, -0.4, -0.3, 7.4, 6.2], [0, 1.3, 0.2, 2.9, 5.7]], dtype=dtype)
+    out = bicubic(x, rois, (3, 4), 1.0, -1, aligned)
+    assert_close(out, torch.full_like(out, 3.5), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_bicubic_ramp_at_half_pixels_is_exact(aligned):
+    # Map 8y + x. Box [2, 2, 4, 4] + 0.5 when aligned, 2x2 bins of 1 pixel, one sample per bin at its
+    # centre: y, x in {2.5, 3.5}, where the weights are symmetric, so the ramp is exact:
+    # [[8 * 2.5 + 2.5, 8 * 2.5 + 3.5], [8 * 3.5 + 2.5, 8 * 3.5 + 3.5]]. Taps 1..5 stay inside the map.
+    shift = 0.5 if aligned else 0.0
+    rois = torch.tensor([[0, 2 + shift, 2 + shift, 4 + shift, 4 + shift]], dtype=torch.float64)
+    out = bicubic(RAMP_8X8, rois, 2, 1.0, 1, aligned)
+    assert_close(out, torch.tensor([[[[22.5, 23.5], [30.5, 31.5]]]], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_bicubic_ramp_between_half_pixels_by_hand():
+    # One sample at (3, 2.25): the row is exact (t = 0), the column reads 2 + 0.296875 (see above), so
+    # 8 * 3 + 2.296875 = 26.296875, where bilinear reads 26.25.
+    out = bicubic(RAMP_8X8, point_roi(3.0, 2.25), 1, 1.0, 1, False)
+    assert out.item() == pytest.approx(26.296875, abs=1e-12)
+    assert roialign.roi_align(RAMP_8X8, point_roi(3.0, 2.25), 1, 1.0, 1, False).item() == pytest.approx(26.25)
+
+
+def test_bicubic_delta_by_hand_forward_and_gradient():
+    # A single 1 at (2, 2) of a 6x6 map. A sample at (y, 2) reads the row weight of distance |y - 2|:
+    # 0.59375 at 0.5 (from either side), -0.09375 at 1.5 (the negative lobe), 1 at 0, 0 at 2.
+    delta = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    delta[0, 0, 2, 2] = 1.0
+    for y, expected in [(2.5, 0.59375), (1.5, 0.59375), (3.5, -0.09375), (0.5, -0.09375), (2.0, 1.0), (4.0, 0.0)]:
+        assert bicubic(delta, point_roi(y, 2.0), 1, 1.0, 1, False).item() == pytest.approx(expected, abs=1e-12), y
+    # The gradient of one sample at (2.5, 2) is its 16 weights: column 2 (t = 0), rows 1..4 weighted
+    # (-0.09375, 0.59375, 0.59375, -0.09375).
+    _, grad = forward_backward(
+        lambda t: bicubic(t, point_roi(2.5, 2.0), 1, 1.0, 1, False), delta, torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    )
+    expected = torch.zeros_like(delta)
+    expected[0, 0, 1:5, 2] = torch.tensor([-0.09375, 0.59375, 0.59375, -0.09375], dtype=torch.float64)
+    assert_close(grad, expected, atol=1e-12, rtol=0)
+
+
+def test_bicubic_taps_beyond_the_map_read_the_border_by_hand():
+    # A 1 on the whole first row. A sample at (0.5, 3): rows -1, 0, 1, 2 with weights (-0.09375,
+    # 0.59375, 0.59375, -0.09375); row -1 reads row 0 (border), so 0.59375 - 0.09375 = 0.5 (zero padding
+    # would give 0.59375). At y = -0.5 (within a pixel of the map) the sample is clamped to y = 0 -> 1;
+    # at y = -1.5 it is off the map -> 0.
+    row = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    row[0, 0, 0] = 1.0
+    for y, expected in [(0.5, 0.5), (-0.5, 1.0), (-1.5, 0.0)]:
+        assert bicubic(row, point_roi(y, 3.0), 1, 1.0, 1, False).item() == pytest.approx(expected, abs=1e-12), y
+    # Gradient of the sample at (0.5, 3): row 0 gets both its own weight and that of row -1.
+    _, grad = forward_backward(
+        lambda t: bicubic(t, point_roi(0.5, 3.0), 1, 1.0, 1, False), row, torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    )
+    expected = torch.zeros_like(row)
+    expected[0, 0, 0:3, 3] = torch.tensor([0.5, 0.59375, -0.09375], dtype=torch.float64)
+    assert_close(grad, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_bicubic_gradcheck(aligned, sampling_ratio):
+    torch.manual_seed(702 + aligned + sampling_ratio)
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(6, 2, 6, 7, 0.5, torch.float64)
+    rois[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    assert torch.autograd.gradcheck(
+        lambda t: bicubic(t, rois, (2, 3), 0.5, sampling_ratio, aligned), (x,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_bicubic_cpu_backward_is_deterministic_and_independent_of_threads():
+    torch.manual_seed(703)
+    x = torch.randn(2, 40, 20, 20)
+    rois = random_rois(200, 2, 20, 20, 0.5)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(forward_backward(lambda t: bicubic(t, rois, 5, 0.5, 2, False), x, seed=2))
+    finally:
+        torch.set_num_threads(previous)
+    with deterministic_algorithms(True):
+        results.append(forward_backward(lambda t: bicubic(t, rois, 5, 0.5, 2, False), x, seed=2))
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bicubic_channels_last_and_module(dtype):
+    torch.manual_seed(704)
+    x = torch.randn(2, 6, 18, 22, dtype=dtype)
+    rois = random_rois(40, 2, 18, 22, 0.5, dtype)
+    module = roialign.RoIAlign((4, 5), 0.5, 2, True, interpolation="bicubic")
+    assert "interpolation='bicubic'" in repr(module)
+    expected, expected_grad = forward_backward(lambda t: bicubic(t, rois, (4, 5), 0.5, 2, True), x, seed=3)
+    out, grad = forward_backward(lambda t: module(t, rois), x.contiguous(memory_format=torch.channels_last), seed=3)
+    assert_close(out, expected, **TOLERANCE[dtype])
+    assert_close(grad, expected_grad, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bicubic_cpu_low_precision(dtype):
+    torch.manual_seed(705)
+    x = torch.randn(2, 4, 16, 20)
+    rois = random_rois(30, 2, 16, 20, 0.5)
+    grad = torch.randn(30, 4, 7, 7)
+
+    def fn(t):
+        return bicubic(t, rois, 7, 0.5, 2, False)
+
+    expected, expected_grad = forward_backward(fn, x, grad)
+    out, input_grad = forward_backward(fn, x.to(dtype), grad.to(dtype))
+    assert out.dtype == dtype and input_grad.dtype == dtype
+    assert_close(out.float(), expected, **LOW_PRECISION[dtype])
+    assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])
+
+
+def test_bilinear_is_the_default_everywhere():
+    # The name, the op's default argument and 0 all mean bilinear (calls written before the argument).
+    torch.manual_seed(706)
+    x = torch.randn(2, 3, 10, 12)
+    rois = random_rois(9, 2, 10, 12, 0.5)
+    default = roialign.roi_align(x, rois, 3, 0.5, 2, True)
+    assert torch.equal(roialign.roi_align(x, rois, 3, 0.5, 2, True, "bilinear"), default)
+    assert torch.equal(torch.ops.maskrcnn.roi_align(x, rois, 0.5, 3, 3, 2, True), default)
+    assert torch.equal(torch.ops.maskrcnn.roi_align(x, rois, 0.5, 3, 3, 2, True, 0), default)
+    assert torch.equal(torch.ops.maskrcnn.roi_align(x, rois, 0.5, 3, 3, 2, True, 1), bicubic(x, rois, 3, 0.5, 2, True))
+    grad = torch.randn(9, 3, 3, 3)
+    args = (grad, rois, 0.5, 3, 3, 2, 3, 10, 12, 2, True, False)
+    assert torch.equal(torch.ops.maskrcnn.roi_align_backward(*args), torch.ops.maskrcnn.roi_align_backward(*args, 0))
+
+
+def test_bicubic_torch_compile_forward_and_backward_match_eager():
+    torch.manual_seed(707)
+    x = torch.randn(2, 4, 24, 24)
+    rois = random_rois(20, 2, 24, 24, 0.25)
+
+    def pool(features):
+        return bicubic(features, rois, (7, 7), 0.25, 2, True)
+
+    compiled = torch.compile(pool, fullgraph=True, dynamic=False)
+    out, grad = forward_backward(compiled, x, seed=5)
+    expected, expected_grad = forward_backward(pool, x, seed=5)
+    assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_bicubic_opcheck():
+    # Schema, fake implementations and autograd registration with the interpolation argument.
+    torch.manual_seed(708)
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(5, 2, 10, 12, 0.5, torch.float64)
+    torch.library.opcheck(torch.ops.maskrcnn.roi_align.default, (x, rois, 0.5, 3, 4, 2, True, 1))
+    x = x.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.maskrcnn.roi_align.default, (x, rois.float(), 0.5, 7, 7, -1, False, 1))
+    grad = torch.randn(5, 3, 3, 4, dtype=torch.float64)
+    for deterministic in (False, True):
+        torch.library.opcheck(
+            torch.ops.maskrcnn.roi_align_backward.default,
+            (grad, rois, 0.5, 3, 4, 2, 3, 10, 12, 2, True, deterministic, 1),
+        )
+
+
+def test_bad_interpolation_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"interpolation must be one of 'bilinear', 'bicubic'; got 'nearest'"):
+        roialign.roi_align(_x(), _rois(), 2, interpolation="nearest")
+    with pytest.raises(ValueError, match=r"^interpolation\b"):
+        roialign.RoIAlign(2, interpolation="cubic")
+    for code in (-1, 2):
+        with pytest.raises(RuntimeError, match=r"\binterpolation\b"):
+            torch.ops.maskrcnn.roi_align(_x(), _rois(), 1.0, 2, 2, -1, False, code)
+        with pytest.raises(RuntimeError, match=r"\binterpolation\b"):
+            torch.ops.maskrcnn.roi_align_backward(torch.randn(1, 3, 2, 2), _rois(), 1.0, 2, 2, 2, 3, 8, 8, -1, False,
+                                                  False, code)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -739,3 +1030,65 @@ def test_cuda_op_with_out_of_range_batch_index_gives_zeros():
             torch.ones(2, 3, 2, 2, device="cuda"), valid, 1.0, 2, 2, 2, 3, 8, 8, -1, False, deterministic
         )
         assert_close(grad, expected, **TOLERANCE[torch.float32])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_cuda_bicubic_matches_cpu(sampling_ratio, aligned, dtype):
+    torch.manual_seed(800 + sampling_ratio + 10 * aligned)
+    x = torch.randn(2, 8, 40, 50, dtype=dtype)
+    for spatial_scale in (1.0, 0.25):
+        rois = random_rois(100, 2, 40, 50, spatial_scale, dtype)
+        rois_gpu = rois.cuda()
+        args = ((7, 7), spatial_scale, sampling_ratio, aligned)
+        cpu, cpu_grad = forward_backward(lambda t, r=rois, a=args: bicubic(t, r, *a), x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for deterministic in (False, True):
+                case = f"spatial_scale={spatial_scale}, {layout}, deterministic={deterministic}"
+                with deterministic_algorithms(deterministic):
+                    gpu, gpu_grad = forward_backward(
+                        lambda t, r=rois_gpu, a=args: bicubic(t, r, *a), x.cuda().contiguous(memory_format=layout)
+                    )
+                assert gpu.device.type == "cuda" and gpu.dtype == dtype
+                assert_close(gpu.cpu(), cpu, **TOLERANCE[dtype], msg=lambda m, c=case: f"forward, {c}: {m}")
+                assert_close(
+                    gpu_grad.cpu(), cpu_grad, **GRAD_TOLERANCE_CUDA[dtype], msg=lambda m, c=case: f"grad, {c}: {m}"
+                )
+
+
+@requires_cuda
+def test_cuda_bicubic_deterministic_backward_is_bitwise_reproducible():
+    torch.manual_seed(801)
+    x = torch.randn(2, 16, 30, 30, device="cuda")
+    rois = random_rois(400, 2, 30, 30, 0.25).cuda()
+    grad = torch.randn(400, 16, 3, 5, device="cuda")
+    args = (0.25, 3, 5, 2, 16, 30, 30, 0, False)
+    first = torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, True, 1)
+    assert torch.equal(first, torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, True, 1))
+    cpu = torch.ops.maskrcnn.roi_align_backward(grad.cpu(), rois.cpu(), *args, True, 1)
+    assert_close(first.cpu(), cpu, **GRAD_TOLERANCE_CUDA[torch.float32])
+    assert_close(torch.ops.maskrcnn.roi_align_backward(grad, rois, *args, False, 1).cpu(), cpu,
+                 **GRAD_TOLERANCE_CUDA[torch.float32])
+    assert_close(first.cpu(), forward_backward(lambda t: bicubic(t, rois.cpu(), (3, 5), 0.25, 0, False), x.cpu(),
+                                               grad.cpu())[1], **GRAD_TOLERANCE_CUDA[torch.float32])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_bicubic_low_precision(dtype):
+    torch.manual_seed(802)
+    x = torch.randn(2, 8, 32, 32, device="cuda")
+    rois = random_rois(60, 2, 32, 32, 0.25).cuda()
+    grad = torch.randn(60, 8, 7, 7, device="cuda")
+
+    def fn(t):
+        return bicubic(t, rois, 7, 0.25, 2, True)
+
+    expected, expected_grad = forward_backward(fn, x, grad)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out, input_grad = forward_backward(fn, x.to(dtype).contiguous(memory_format=layout), grad.to(dtype))
+        assert out.dtype == dtype and input_grad.dtype == dtype
+        assert_close(out.float(), expected, **LOW_PRECISION[dtype])
+        assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define MASKRCNN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -61,17 +62,33 @@ MASKRCNN_HOST_DEVICE A sample_x(const RoiGeometry<A>& g, int pw, int ix) {
   return g.start_x + static_cast<A>(pw) * g.bin_w + static_cast<A>(ix + .5f) * g.bin_w / static_cast<A>(g.grid_w);
 }
 
-// The four pixels a bilinear sample reads (offsets y * width + x in one plane) and their weights.
-template <typename A>
-struct BilinearTaps {
-  int64_t offset[4];
-  A weight[4];
-};
+// How a sample point reads the map: the op's `interpolation` argument (roialign.INTERPOLATIONS in Python).
+enum Interpolation : int64_t { kBilinear = 0, kBicubic = 1 };
 
-// False when the sample lies more than one pixel outside the map (or is not finite): it contributes 0.
+// The pixels a sample reads (offsets y * width + x in one plane) and their weights: 4 for bilinear, 16
+// (4 rows of 4) for bicubic.
+template <typename A, int kTaps>
+struct Taps {
+  int64_t offset[kTaps];
+  A weight[kTaps];
+};
+template <typename A>
+using BilinearTaps = Taps<A, 4>;
+template <typename A>
+using BicubicTaps = Taps<A, 16>;
+
+// The out-of-map rule of both interpolations (torchvision's): false when the sample lies more than one
+// pixel outside the map (or is not finite), and it contributes 0; otherwise the sample is clamped into
+// [0, height - 1] x [0, width - 1], so that between -1 and 0 (or the last pixel and one beyond) it reads
+// the border.
+template <typename A>
+MASKRCNN_HOST_DEVICE bool inside_map(A y, A x, int64_t height, int64_t width) {
+  return y >= A(-1) && y <= static_cast<A>(height) && x >= A(-1) && x <= static_cast<A>(width);
+}
+
 template <typename A>
 MASKRCNN_HOST_DEVICE bool bilinear_taps(A y, A x, int64_t height, int64_t width, BilinearTaps<A>* taps) {
-  if (!(y >= A(-1) && y <= static_cast<A>(height) && x >= A(-1) && x <= static_cast<A>(width))) {
+  if (!inside_map(y, x, height, width)) {
     return false;
   }
   y = y <= A(0) ? A(0) : y;
@@ -102,23 +119,88 @@ MASKRCNN_HOST_DEVICE bool bilinear_taps(A y, A x, int64_t height, int64_t width,
   return true;
 }
 
+// Cubic convolution (Keys, 1981) with a = -0.75, the kernel of PyTorch's interpolate and grid_sample
+// (bicubic): the weights of the 4 pixels at i - 1, i, i + 1, i + 2 for a point at i + t, 0 <= t < 1.
+//   |d| <= 1:     (a + 2)|d|^3 - (a + 3)|d|^2 + 1
+//   1 < |d| < 2:  a|d|^3 - 5a|d|^2 + 8a|d| - 4a
+template <typename A>
+MASKRCNN_HOST_DEVICE void cubic_weights(A t, A* weight) {
+  const A a = A(-0.75);
+  const A far_before = t + A(1), near_after = A(1) - t, far_after = A(2) - t;
+  weight[0] = ((a * far_before - A(5) * a) * far_before + A(8) * a) * far_before - A(4) * a;
+  weight[1] = ((a + A(2)) * t - (a + A(3))) * t * t + A(1);
+  weight[2] = ((a + A(2)) * near_after - (a + A(3))) * near_after * near_after + A(1);
+  weight[3] = ((a * far_after - A(5) * a) * far_after + A(8) * a) * far_after - A(4) * a;
+}
+
+// The 4x4 neighbourhood of a clamped sample; taps beyond the map read the border pixel (as grid_sample's
+// bicubic with padding_mode="border", and interpolate), so a constant map stays constant up to its edges.
+template <typename A>
+MASKRCNN_HOST_DEVICE bool bicubic_taps(A y, A x, int64_t height, int64_t width, BicubicTaps<A>* taps) {
+  if (!inside_map(y, x, height, width)) {
+    return false;
+  }
+  const A last_y = static_cast<A>(height - 1), last_x = static_cast<A>(width - 1);
+  y = y <= A(0) ? A(0) : (y >= last_y ? last_y : y);
+  x = x <= A(0) ? A(0) : (x >= last_x ? last_x : x);
+  const int64_t y0 = static_cast<int64_t>(y), x0 = static_cast<int64_t>(x);  // floor: y, x >= 0
+  A weight_y[4], weight_x[4];
+  cubic_weights(y - static_cast<A>(y0), weight_y);
+  cubic_weights(x - static_cast<A>(x0), weight_x);
+  int64_t row[4], column[4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = y0 - 1 + i, c = x0 - 1 + i;
+    row[i] = (r < 0 ? 0 : (r > height - 1 ? height - 1 : r)) * width;
+    column[i] = c < 0 ? 0 : (c > width - 1 ? width - 1 : c);
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      taps->offset[4 * i + j] = row[i] + column[j];
+      taps->weight[4 * i + j] = weight_y[i] * weight_x[j];
+    }
+  }
+  return true;
+}
+
+// One name for both, chosen by the number of taps, so that the kernels are written once for kTaps.
+template <typename A>
+MASKRCNN_HOST_DEVICE bool interpolation_taps(A y, A x, int64_t height, int64_t width, BilinearTaps<A>* taps) {
+  return bilinear_taps(y, x, height, width, taps);
+}
+template <typename A>
+MASKRCNN_HOST_DEVICE bool interpolation_taps(A y, A x, int64_t height, int64_t width, BicubicTaps<A>* taps) {
+  return bicubic_taps(y, x, height, width, taps);
+}
+
 // Calls visit(taps) for every sample of bin (ph, pw) that lies on the map (the others contribute 0).
-template <typename A, typename Visit>
+template <int kTaps, typename A, typename Visit>
 MASKRCNN_HOST_DEVICE void for_each_sample(const RoiGeometry<A>& g, int ph, int pw, int64_t height, int64_t width,
                                           Visit visit) {
   for (int iy = 0; iy < g.grid_h; ++iy) {
     const A y = sample_y(g, ph, iy);
     for (int ix = 0; ix < g.grid_w; ++ix) {
-      BilinearTaps<A> taps;
-      if (bilinear_taps(y, sample_x(g, pw, ix), height, width, &taps)) {
+      Taps<A, kTaps> taps;
+      if (interpolation_taps(y, sample_x(g, pw, ix), height, width, &taps)) {
         visit(taps);
       }
     }
   }
 }
 
+// Calls run(std::integral_constant<int, kTaps>()) with the tap count of `interpolation` (checked before).
+template <typename Run>
+void with_taps(int64_t interpolation, Run run) {
+  if (interpolation == kBicubic) {
+    run(std::integral_constant<int, 16>());
+  } else {
+    run(std::integral_constant<int, 4>());
+  }
+}
+
 inline void check_roi_align_args(const at::Tensor& rois, double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                 const char* op) {
+                                 int64_t interpolation, const char* op) {
+  TORCH_CHECK(interpolation == kBilinear || interpolation == kBicubic, op, ": interpolation must be ", kBilinear,
+              " (bilinear) or ", kBicubic, " (bicubic); got ", interpolation);
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
               ": rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point; got ",
@@ -130,13 +212,13 @@ inline void check_roi_align_args(const at::Tensor& rois, double spatial_scale, i
 }
 
 inline void check_roi_align_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                   int64_t pooled_h, int64_t pooled_w) {
+                                   int64_t pooled_h, int64_t pooled_w, int64_t interpolation) {
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]; got shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "roi_align: input must be floating point; got ",
               input.scalar_type());
   TORCH_CHECK(input.device() == rois.device(), "roi_align: rois must be on the device of input (", input.device(),
               "); got ", rois.device());
-  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, "roi_align");
+  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, interpolation, "roi_align");
 }
 
 // Coordinates and weights are computed in float for float16/bfloat16/float32, in double for float64.

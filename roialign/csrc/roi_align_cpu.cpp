@@ -1,8 +1,8 @@
 // CPU RoIAlign, forward and backward, on a channels-last view of the feature map.
 //
-// With channels last, each bilinear tap reads (or, backward, updates) C contiguous values, so the
-// inner loop over channels is vectorised and the sample geometry is computed once per sample rather
-// than once per channel. Forward splits the bins between threads; backward splits the channels, so no
+// With channels last, each tap (4 per sample for bilinear, 16 for bicubic) reads (or, backward,
+// updates) C contiguous values, so the inner loop over channels is vectorised and the sample geometry
+// and tap weights are computed once per sample rather than once per channel. Forward splits the bins between threads; backward splits the channels, so no
 // two threads ever add into the same value and the result does not depend on the number of threads
 // (this backward is deterministic).
 #include <ATen/Parallel.h>
@@ -48,7 +48,23 @@ void transpose_matrices(const A* src, A* dst, int64_t batch, int64_t rows, int64
   });
 }
 
-template <typename A>
+// acc[c] += sum of the taps' weighted values, four taps (one row of a bicubic neighbourhood) per pass
+// over the channels; for bilinear this is exactly torchvision's expression.
+template <typename A, int kTaps>
+inline void add_taps(const A* image, int64_t channels, const Taps<A, kTaps>& t, A* __restrict__ acc) {
+  for (int q = 0; q < kTaps; q += 4) {
+    const A* __restrict__ v1 = image + t.offset[q] * channels;
+    const A* __restrict__ v2 = image + t.offset[q + 1] * channels;
+    const A* __restrict__ v3 = image + t.offset[q + 2] * channels;
+    const A* __restrict__ v4 = image + t.offset[q + 3] * channels;
+    const A w1 = t.weight[q], w2 = t.weight[q + 1], w3 = t.weight[q + 2], w4 = t.weight[q + 3];
+    for (int64_t c = 0; c < channels; ++c) {
+      acc[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
+    }
+  }
+}
+
+template <typename A, int kTaps>
 void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t channels, int64_t height,
                    int64_t width, A spatial_scale, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
                    A* output) {
@@ -66,16 +82,8 @@ void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t ch
       for (int pw = 0; pw < pooled_w; ++pw) {
         std::fill(sum.begin(), sum.end(), A(0));
         A* __restrict__ acc = sum.data();
-        for_each_sample(g, ph, pw, height, width, [&](const BilinearTaps<A>& t) {
-          const A* __restrict__ v1 = image + t.offset[0] * channels;
-          const A* __restrict__ v2 = image + t.offset[1] * channels;
-          const A* __restrict__ v3 = image + t.offset[2] * channels;
-          const A* __restrict__ v4 = image + t.offset[3] * channels;
-          const A w1 = t.weight[0], w2 = t.weight[1], w3 = t.weight[2], w4 = t.weight[3];
-          for (int64_t c = 0; c < channels; ++c) {
-            acc[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
-          }
-        });
+        for_each_sample<kTaps>(g, ph, pw, height, width,
+                               [&](const Taps<A, kTaps>& t) { add_taps(image, channels, t, acc); });
         A* out = output + (k * channels * pooled_h + ph) * pooled_w + pw;
         for (int64_t c = 0; c < channels; ++c) {
           out[c * bin_stride] = acc[c] / g.count;
@@ -85,7 +93,7 @@ void forward_typed(const A* input, const A* rois, int64_t rois_count, int64_t ch
   });
 }
 
-template <typename A>
+template <typename A, int kTaps>
 void backward_typed(const A* grad, const A* rois, int64_t rois_count, int64_t channels, int64_t height,
                     int64_t width, A spatial_scale, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
                     A* grad_input) {
@@ -99,8 +107,8 @@ void backward_typed(const A* grad, const A* rois, int64_t rois_count, int64_t ch
       for (int ph = 0; ph < pooled_h; ++ph) {
         for (int pw = 0; pw < pooled_w; ++pw) {
           const A* __restrict__ g_bin = grad + ((k * pooled_h + ph) * pooled_w + pw) * channels;
-          for_each_sample(g, ph, pw, height, width, [&](const BilinearTaps<A>& t) {
-            for (int tap = 0; tap < 4; ++tap) {
+          for_each_sample<kTaps>(g, ph, pw, height, width, [&](const Taps<A, kTaps>& t) {
+            for (int tap = 0; tap < kTaps; ++tap) {
               A* __restrict__ target = image + t.offset[tap] * channels;
               const A w = t.weight[tap];
               for (int64_t c = c_begin; c < c_end; ++c) {
@@ -120,8 +128,9 @@ at::ScalarType compute_type(const at::Tensor& t) {
 }
 
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_inputs(input, rois, spatial_scale, pooled_h, pooled_w);
+                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                         int64_t interpolation) {
+  check_roi_align_inputs(input, rois, spatial_scale, pooled_h, pooled_w, interpolation);
   check_batch_indices(rois, input.size(0), "roi_align");
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const at::ScalarType type = compute_type(input);
@@ -139,9 +148,11 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
     if (!channels_last) {
       transpose_matrices(source.data_ptr<scalar_t>(), nhwc.data_ptr<scalar_t>(), input.size(0), C, H * W);
     }
-    forward_typed<scalar_t>(nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H, W,
-                            static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio, aligned,
-                            output.data_ptr<scalar_t>());
+    with_taps(interpolation, [&](auto taps) {
+      forward_typed<scalar_t, decltype(taps)::value>(nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H,
+                                                     W, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w,
+                                                     sampling_ratio, aligned, output.data_ptr<scalar_t>());
+    });
   });
   return output.to(input.scalar_type());
 }
@@ -149,8 +160,8 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
-                                  bool /*deterministic: always*/) {
-  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, "roi_align_backward");
+                                  bool /*deterministic: always*/, int64_t interpolation) {
+  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, interpolation, "roi_align_backward");
   const int64_t K = rois.size(0);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
                   grad.size(3) == pooled_w,
@@ -167,9 +178,12 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const at::Tensor grad_nhwc = grad.to(type).permute({0, 2, 3, 1}).contiguous();
   const at::Tensor boxes = rois.to(type).contiguous();
   AT_DISPATCH_FLOATING_TYPES(type, "maskrcnn_roi_align_backward_cpu", [&] {
-    backward_typed<scalar_t>(grad_nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, channels, height,
-                             width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio,
-                             aligned, grad_nhwc_input.data_ptr<scalar_t>());
+    with_taps(interpolation, [&](auto taps) {
+      backward_typed<scalar_t, decltype(taps)::value>(grad_nhwc.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K,
+                                                      channels, height, width, static_cast<scalar_t>(spatial_scale),
+                                                      pooled_h, pooled_w, sampling_ratio, aligned,
+                                                      grad_nhwc_input.data_ptr<scalar_t>());
+    });
     transpose_matrices(grad_nhwc_input.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), batch_size,
                        height * width, channels);
   });

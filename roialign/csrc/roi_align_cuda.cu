@@ -1,10 +1,11 @@
 // CUDA RoIAlign: forward, backward with atomic adds, and a deterministic backward without them.
 //
 // Forward gives each thread one output value. For a channels-last input the channel index varies
-// fastest between threads, so a warp shares one bin's geometry and its bilinear taps read consecutive
-// addresses; for NCHW input the bin index varies fastest, as in torchvision.
+// fastest between threads, so a warp shares one bin's geometry and its taps read consecutive addresses;
+// for NCHW input the bin index varies fastest, as in torchvision. Every kernel is written once for
+// kTaps taps per sample: 4 (bilinear) or 16 (bicubic).
 //
-// The deterministic backward turns every bilinear tap into an entry (input pixel, weight, output bin),
+// The deterministic backward turns every tap into an entry (input pixel, weight, output bin),
 // sorts the entries by pixel with a stable sort, and lets one thread per (pixel, channel) add up its
 // entries in that fixed order. Memory grows with the number of samples, not with the feature map, and
 // RoIs are taken in chunks so that it stays bounded.
@@ -40,7 +41,7 @@ struct Shape {
   bool aligned;
 };
 
-template <typename T, typename A, bool kChannelsLast>
+template <typename T, typename A, bool kChannelsLast, int kTaps>
 __global__ void forward_kernel(int64_t total, const T* __restrict__ input, const A* __restrict__ rois, Shape s,
                                A spatial_scale, T* __restrict__ output) {
   const int64_t plane = s.height * s.width;
@@ -64,13 +65,16 @@ __global__ void forward_kernel(int64_t total, const T* __restrict__ input, const
     A sum = 0;
     if (g.batch >= 0 && g.batch < s.batch) {  // out-of-range indices are rejected on the host; never read
       const T* image = input + g.batch * s.channels * plane;
-      for_each_sample(g, ph, pw, s.height, s.width, [&](const BilinearTaps<A>& t) {
-        A v[4];
-        for (int tap = 0; tap < 4; ++tap) {
+      for_each_sample<kTaps>(g, ph, pw, s.height, s.width, [&](const Taps<A, kTaps>& t) {
+        A v[kTaps];
+        for (int tap = 0; tap < kTaps; ++tap) {
           v[tap] = static_cast<A>(kChannelsLast ? image[t.offset[tap] * s.channels + c]
                                                 : image[c * plane + t.offset[tap]]);
         }
-        sum += t.weight[0] * v[0] + t.weight[1] * v[1] + t.weight[2] * v[2] + t.weight[3] * v[3];
+        for (int q = 0; q < kTaps; q += 4) {  // for bilinear, torchvision's expression
+          sum += t.weight[q] * v[q] + t.weight[q + 1] * v[q + 1] + t.weight[q + 2] * v[q + 2] +
+                 t.weight[q + 3] * v[q + 3];
+        }
       });
     }
     output[((k * s.channels + c) * s.pooled_h + ph) * s.pooled_w + pw] = static_cast<T>(sum / g.count);
@@ -78,7 +82,7 @@ __global__ void forward_kernel(int64_t total, const T* __restrict__ input, const
 }
 
 // grad: [K, C, PH, PW]; grad_input: [N, C, H, W] in the accumulation type.
-template <typename T, typename A>
+template <typename T, typename A, int kTaps>
 __global__ void backward_atomic_kernel(int64_t total, const T* __restrict__ grad, const A* __restrict__ rois,
                                        Shape s, A spatial_scale, A* __restrict__ grad_input) {
   const int64_t plane = s.height * s.width;
@@ -94,29 +98,29 @@ __global__ void backward_atomic_kernel(int64_t total, const T* __restrict__ grad
     }
     const A grad_bin = static_cast<A>(grad[index]);
     A* image = grad_input + (g.batch * s.channels + c) * plane;
-    for_each_sample(g, ph, pw, s.height, s.width, [&](const BilinearTaps<A>& t) {
-      for (int tap = 0; tap < 4; ++tap) {
+    for_each_sample<kTaps>(g, ph, pw, s.height, s.width, [&](const Taps<A, kTaps>& t) {
+      for (int tap = 0; tap < kTaps; ++tap) {
         atomicAdd(image + t.offset[tap], grad_bin * t.weight[tap] / g.count);
       }
     });
   }
 }
 
-// Entries per RoI: 4 taps per sample, 0 for an RoI of an image out of range.
-template <typename A>
+// Entries per RoI: kTaps per sample, 0 for an RoI of an image out of range.
+template <typename A, int kTaps>
 __global__ void count_entries_kernel(int64_t rois_count, const A* __restrict__ rois, Shape s, A spatial_scale,
                                      int64_t* __restrict__ counts) {
   GRID_STRIDE_LOOP(k, rois_count) {
     const RoiGeometry<A> g =
         roi_geometry<A>(rois + 5 * k, spatial_scale, s.pooled_h, s.pooled_w, s.sampling_ratio, s.aligned);
     const bool valid = g.batch >= 0 && g.batch < s.batch;
-    counts[k] = valid ? 4 * static_cast<int64_t>(s.pooled_h) * s.pooled_w * g.grid_h * g.grid_w : 0;
+    counts[k] = valid ? kTaps * static_cast<int64_t>(s.pooled_h) * s.pooled_w * g.grid_h * g.grid_w : 0;
   }
 }
 
 // One thread per bin of the RoIs [k_begin, k_end) writes that bin's entries at first[k - k_begin] on.
 // Samples outside the map get the key `none` (sorted last, never summed).
-template <typename A>
+template <typename A, int kTaps>
 __global__ void make_entries_kernel(int64_t k_begin, int64_t k_end, const A* __restrict__ rois, Shape s,
                                     A spatial_scale, const int64_t* __restrict__ first, int64_t none,
                                     int64_t* __restrict__ keys, int64_t* __restrict__ bins,
@@ -132,13 +136,13 @@ __global__ void make_entries_kernel(int64_t k_begin, int64_t k_end, const A* __r
       continue;  // no entries were counted for it
     }
     const int per_bin = g.grid_h * g.grid_w;
-    int64_t e = first[k - k_begin] + bin * per_bin * 4;
+    int64_t e = first[k - k_begin] + bin * per_bin * kTaps;
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const A y = sample_y(g, ph, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix, e += 4) {
-        BilinearTaps<A> t;
-        const bool inside = bilinear_taps(y, sample_x(g, pw, ix), s.height, s.width, &t);
-        for (int tap = 0; tap < 4; ++tap) {
+      for (int ix = 0; ix < g.grid_w; ++ix, e += kTaps) {
+        Taps<A, kTaps> t;
+        const bool inside = interpolation_taps(y, sample_x(g, pw, ix), s.height, s.width, &t);
+        for (int tap = 0; tap < kTaps; ++tap) {
           keys[e + tap] = inside ? g.batch * s.height * s.width + t.offset[tap] : none;
           bins[e + tap] = k * bins_per_roi + bin;
           weights[e + tap] = inside ? t.weight[tap] / g.count : A(0);
@@ -183,8 +187,8 @@ Shape make_shape(int64_t batch, int64_t channels, int64_t height, int64_t width,
 }
 
 at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
-                          int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_inputs(input, rois, spatial_scale, pooled_h, pooled_w);
+                          int64_t pooled_w, int64_t sampling_ratio, bool aligned, int64_t interpolation) {
+  check_roi_align_inputs(input, rois, spatial_scale, pooled_h, pooled_w, interpolation);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
@@ -202,22 +206,26 @@ at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, doubl
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskrcnn_roi_align_cuda", [&] {
     using A = typename Accumulate<scalar_t>::type;
-    const auto kernel = channels_last ? forward_kernel<scalar_t, A, true> : forward_kernel<scalar_t, A, false>;
-    kernel<<<blocks_for(total), kThreads, 0, stream>>>(total, data.data_ptr<scalar_t>(), boxes.data_ptr<A>(), s,
-                                                       static_cast<A>(spatial_scale), output.data_ptr<scalar_t>());
+    with_taps(interpolation, [&](auto taps) {
+      constexpr int kTaps = decltype(taps)::value;
+      const auto kernel =
+          channels_last ? forward_kernel<scalar_t, A, true, kTaps> : forward_kernel<scalar_t, A, false, kTaps>;
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(total, data.data_ptr<scalar_t>(), boxes.data_ptr<A>(), s,
+                                                         static_cast<A>(spatial_scale), output.data_ptr<scalar_t>());
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return output;
 }
 
-template <typename A>
+template <typename A, int kTaps>
 at::Tensor backward_deterministic(const at::Tensor& grad, const at::Tensor& boxes, const Shape& s, A spatial_scale,
                                   cudaStream_t stream) {
   const int64_t K = boxes.size(0);
   const auto long_options = grad.options().dtype(at::kLong);
   const int64_t none = s.batch * s.height * s.width;  // key of entries that contribute nothing
   at::Tensor counts = at::empty({K}, long_options);
-  count_entries_kernel<A><<<blocks_for(K), kThreads, 0, stream>>>(K, boxes.data_ptr<A>(), s, spatial_scale,
+  count_entries_kernel<A, kTaps><<<blocks_for(K), kThreads, 0, stream>>>(K, boxes.data_ptr<A>(), s, spatial_scale,
                                                                   counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor host_counts = counts.cpu();  // one synchronisation, to size the buffers
@@ -238,7 +246,7 @@ at::Tensor backward_deterministic(const at::Tensor& grad, const at::Tensor& boxe
       at::Tensor keys = at::empty({entries}, long_options), bins = at::empty({entries}, long_options);
       at::Tensor weights = at::empty({entries}, grad.options().dtype(boxes.dtype()));
       const int64_t bin_threads = (k_end - k_begin) * s.pooled_h * s.pooled_w;
-      make_entries_kernel<A><<<blocks_for(bin_threads), kThreads, 0, stream>>>(
+      make_entries_kernel<A, kTaps><<<blocks_for(bin_threads), kThreads, 0, stream>>>(
           k_begin, k_end, boxes.data_ptr<A>(), s, spatial_scale, first_device.data_ptr<int64_t>(), none,
           keys.data_ptr<int64_t>(), bins.data_ptr<int64_t>(), weights.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -262,8 +270,8 @@ at::Tensor backward_deterministic(const at::Tensor& grad, const at::Tensor& boxe
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
                                    int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
-                                   bool deterministic) {
-  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, "roi_align_backward");
+                                   bool deterministic, int64_t interpolation) {
+  check_roi_align_args(rois, spatial_scale, pooled_h, pooled_w, interpolation, "roi_align_backward");
   TORCH_CHECK(grad.device() == rois.device(), "roi_align_backward: rois must be on the device of grad (",
               grad.device(), "); got ", rois.device());
   const int64_t K = rois.size(0);
@@ -282,7 +290,10 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   at::Tensor grad_input;
   if (deterministic) {
     AT_DISPATCH_FLOATING_TYPES(acc, "maskrcnn_roi_align_backward_deterministic", [&] {
-      grad_input = backward_deterministic<scalar_t>(grad, boxes, s, static_cast<scalar_t>(spatial_scale), stream);
+      with_taps(interpolation, [&](auto taps) {
+        grad_input = backward_deterministic<scalar_t, decltype(taps)::value>(
+            grad, boxes, s, static_cast<scalar_t>(spatial_scale), stream);
+      });
     });
   } else {
     grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc));
@@ -290,9 +301,11 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     const int64_t total = grad_c.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskrcnn_roi_align_backward", [&] {
       using A = typename Accumulate<scalar_t>::type;
-      backward_atomic_kernel<scalar_t, A><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_c.data_ptr<scalar_t>(), boxes.data_ptr<A>(), s, static_cast<A>(spatial_scale),
-          grad_input.data_ptr<A>());
+      with_taps(interpolation, [&](auto taps) {
+        backward_atomic_kernel<scalar_t, A, decltype(taps)::value><<<blocks_for(total), kThreads, 0, stream>>>(
+            total, grad_c.data_ptr<scalar_t>(), boxes.data_ptr<A>(), s, static_cast<A>(spatial_scale),
+            grad_input.data_ptr<A>());
+      });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
