@@ -192,6 +192,8 @@ def detect_many(model, images: list, tile: Optional[int] = None, overlap: Option
     crop in the image (full_masks pastes them). No full-size mask is kept for any detection.
     DETECTION_MAX_INSTANCES applies per tile.
     """
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a whole number >= 1; got {batch!r}")
     images = [as_image(image) for image in images]
     plans = [tiles(*image.shape[:2], *tile_size(*image.shape[:2], model.config, tile, overlap)) for image in images]
     jobs = [(i, t) for i, plan in enumerate(plans) for t in plan]
@@ -298,6 +300,13 @@ def output_names(paths: list, suffixes: list) -> list:
     return [r + s if names.count(n) > 1 else n for r, s, n in zip(relative, suffixes, names)]
 
 
+def video_stream(container, path):
+    """A container's first video stream."""
+    if not container.streams.video:
+        raise ValueError(f"video {path} has no video stream")
+    return container.streams.video[0]
+
+
 def video_properties(path) -> tuple:
     """(frame rate as a Fraction, frame count or 0 when the container does not say) of a video's first
     video stream."""
@@ -305,9 +314,7 @@ def video_properties(path) -> tuple:
 
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"video {path} has no video stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, path)
             return Fraction(stream.average_rate or stream.guessed_rate or 30), int(stream.frames or 0)
     except av.FFmpegError as error:
         raise ValueError(f"cannot read video {path}: {error}") from error
@@ -319,7 +326,7 @@ def read_video(path):
 
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in container.decode(video_stream(container, path)):
                 yield frame.to_ndarray(format="rgb24")
     except av.FFmpegError as error:
         raise ValueError(f"cannot read video {path}: {error}") from error

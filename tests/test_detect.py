@@ -355,6 +355,10 @@ def test_bad_input_is_named(weights, tmp_path):
     (tmp_path / "broken" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(ValueError, match="cut.png"):
         run_detect("--weights", weights, "--input", tmp_path / "broken", "--out", out)
+    (tmp_path / "video").mkdir()
+    (tmp_path / "video" / "clip.mp4").write_text("not a video")
+    with pytest.raises(ValueError, match="clip.mp4"):
+        run_detect("--weights", weights, "--input", tmp_path / "video", "--out", out)
     data = tmp_path / "data"
     shapes.write_split(str(data), "val", 1, 64, seed=0)
     Image.fromarray(smooth_picture(64, 64)).save(tmp_path / "broken" / "stranger.png")
