@@ -23,6 +23,7 @@ import coco
 import detect
 import shapes
 import utils
+import visualize
 from model import MaskRCNN
 
 
@@ -368,3 +369,18 @@ def test_bad_input_is_named(weights, tmp_path):
     with pytest.raises(SystemExit):
         run_detect("--weights", weights, "--input", tmp_path, "--out", out, "--tile", 64, "--overlap", 64)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_pictures_of_large_images_are_drawn_smaller():
+    image = np.zeros((200, 300, 3), np.uint8)
+    image[50:150, 100:200] = 255
+    crop = np.ones((100, 100), bool)
+    result = {"boxes": np.array([[100, 50, 200, 150]], np.float32), "class_ids": np.array([1]),
+              "scores": np.array([0.9], np.float32), "mask_crops": [crop], "mask_origins": np.array([[100, 50]])}
+    small = detect.picture(image, result, ["background", "thing"], max_side=150)
+    assert small.shape == (100, 150, 3)
+    assert detect.picture(image, result, ["background", "thing"], max_side=None).shape == (200, 300, 3)
+    # The mask, blended half and half with its class's colour, covers the white square's place.
+    expected = np.round(0.5 * 255 + 0.5 * 255 * np.array(visualize.color(1)))
+    np.testing.assert_allclose(small[50, 75], expected, atol=1)
+    np.testing.assert_array_equal(small[90, 10], [0, 0, 0])
