@@ -46,7 +46,7 @@ from nms import batched_nms
 logger = logging.getLogger("detect")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")  # PyAV is imported only for these
 # Pictures of huge photos are drawn smaller: matplotlib's canvas and one contour per mask at 6000x4000
 # would cost more than the detection itself. Video frames are always drawn at their own size.
 PICTURE_MAX_SIDE = 2000
@@ -424,6 +424,7 @@ class Run(NamedTuple):
     batch: int
     class_names: tuple
     label_to_category: Optional[dict]
+    sizes: Optional[dict]  # with --data: image id -> (height, width) as the annotation file says
 
 
 def detect_and_record(model, run: Run, images: list, image_ids: list, results: list, max_side) -> list:
@@ -441,6 +442,10 @@ def run_images(model, run: Run, paths, names, image_ids, results: list, progress
     entries = []
     for chunk in batches(list(zip(paths, names, image_ids)), run.batch):
         images = [utils.load_image(path) for path, _, _ in chunk]
+        for (path, _, image_id), image in zip(chunk, images):
+            if run.sizes and run.sizes[image_id] != image.shape[:2]:
+                raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH, EXIF orientation "
+                                 f"applied) but --data says {run.sizes[image_id][1]}x{run.sizes[image_id][0]}")
         pictures = detect_and_record(model, run, images, [i for _, _, i in chunk], results, PICTURE_MAX_SIDE)
         for (path, name, image_id), image, drawn in zip(chunk, images, pictures):
             target = os.path.join(run.out, name)
@@ -515,13 +520,15 @@ def main(argv=None):
     names = output_names(paths, [".mp4" if is_video(p) else ".png" for p in paths])
     stills = [i for i, p in enumerate(paths) if not is_video(p)]
     videos = [i for i, p in enumerate(paths) if is_video(p)]
-    label_to_category, image_ids = None, list(range(1, len(stills) + 1))  # video frames are numbered after
+    label_to_category, sizes, image_ids = None, None, list(range(1, len(stills) + 1))  # frames numbered after
     if args.data:
         if videos:
             raise SystemExit("--data: videos have no image ids in an annotation file; run them without --data")
         dataset = coco.CocoDataset(args.data, args.split or config.VAL_SPLIT, config.LABELS_ARE_CATEGORY_IDS)
         label_to_category, image_ids = dataset.label_to_category, image_ids_from_data(paths, dataset)
-    run = Run(args.out, args.min_score, args.tile, args.overlap, args.batch, config.CLASS_NAMES, label_to_category)
+        sizes = {i: (info["height"], info["width"]) for i, info in dataset.coco.imgs.items()}
+    run = Run(args.out, args.min_score, args.tile, args.overlap, args.batch, config.CLASS_NAMES, label_to_category,
+              sizes)
     os.makedirs(args.out, exist_ok=True)
 
     frames = [video_properties(paths[i])[1] for i in videos]

@@ -366,6 +366,10 @@ def test_bad_input_is_named(weights, tmp_path):
     with pytest.raises(SystemExit, match="stranger.png"):
         run_detect("--weights", weights, "--input", tmp_path / "broken" / "stranger.png", "--out", out,
                    "--data", data, "--split", "val")
+    Image.fromarray(smooth_picture(64, 48)).save(tmp_path / "broken" / "000000.png")  # the JSON says 64x64
+    with pytest.raises(ValueError, match="000000.png is 48x64 .*says 64x64"):
+        run_detect("--weights", weights, "--input", tmp_path / "broken" / "000000.png", "--out", out,
+                   "--data", data, "--split", "val")
     with pytest.raises(SystemExit):
         run_detect("--weights", weights, "--input", tmp_path, "--out", out, "--tile", 64, "--overlap", 64)
     assert not out.exists() or not any(out.iterdir())
