@@ -130,6 +130,24 @@ def test_full_masks_paste_and_sample_by_hand():
     np.testing.assert_array_equal(detect.full_masks(result, 4, 4, size=(2, 2))[0], [[True, False], [True, True]])
 
 
+@pytest.mark.parametrize("case", ["inside", "corner", "full height", "whole image", "empty", "one pixel", "edges"])
+def test_crop_rle_is_pycocotools_encoding_of_the_full_mask(case):
+    height, width = 9, 7
+    rng = np.random.default_rng(len(case))
+    crop, origin = {
+        "inside": (rng.random((4, 3)) < 0.5, (2, 3)),
+        "corner": (rng.random((3, 2)) < 0.5, (5, 6)),
+        "full height": (rng.random((9, 3)) < 0.7, (1, 0)),  # runs go on from one column into the next
+        "whole image": (np.ones((9, 7), bool), (0, 0)),
+        "empty": (np.zeros((0, 0), bool), (0, 0)),
+        "one pixel": (np.ones((1, 1), bool), (6, 8)),
+        "edges": (np.array([[1, 0], [0, 0], [1, 1]], bool), (0, 0)),
+    }[case]
+    full = np.zeros((height, width), bool)
+    full[origin[1] : origin[1] + crop.shape[0], origin[0] : origin[0] + crop.shape[1]] = crop
+    assert detect.crop_rle(crop, origin, height, width) == utils.mask_to_rle(full)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Detection over tiles
 
@@ -388,3 +406,15 @@ def test_pictures_of_large_images_are_drawn_smaller():
     expected = np.round(0.5 * 255 + 0.5 * 255 * np.array(visualize.color(1)))
     np.testing.assert_allclose(small[50, 75], expected, atol=1)
     np.testing.assert_array_equal(small[90, 10], [0, 0, 0])
+
+
+def test_crop_rle_on_random_crops():
+    rng = np.random.default_rng(7)
+    height, width = 30, 25
+    for _ in range(50):
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        crop = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        full = np.zeros((height, width), bool)
+        full[y : y + h, x : x + w] = crop
+        assert detect.crop_rle(crop, (x, y), height, width) == utils.mask_to_rle(full)
