@@ -47,8 +47,8 @@ logger = logging.getLogger("detect")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")  # PyAV is imported only for these
-# Pictures of huge photos are drawn smaller: matplotlib's canvas and one contour per mask at 6000x4000
-# would cost more than the detection itself. Video frames are always drawn at their own size.
+# Pictures of huge photos are drawn smaller: a 6000x4000 matplotlib canvas is slow and large, and a
+# picture to look at needs no more. Video frames are always drawn at their own size.
 PICTURE_MAX_SIDE = 2000
 # x264's constant rate factor for annotated videos: 18 is commonly taken as visually lossless
 # (0 would be lossless, at several times the size).
