@@ -54,21 +54,44 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 ############################################################
 
 
+# Pillow modes that hold more than 8 bits of grey per pixel: 16-bit PNG and TIFF open as one of these.
+WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def load_image(path) -> np.ndarray:
-    """An image file as an HxWx3 uint8 RGB array (grey and RGBA are converted)."""
-    import skimage.io
+    """An image file as an HxWx3 uint8 RGB array, upright, as people see it in a photo viewer.
+
+    - EXIF orientation (phone photos taken sideways) is applied, so the array is the upright picture.
+    - Grey ("L", "1"), palette ("P") and CMYK or YCbCr images are converted to RGB by Pillow.
+    - Alpha is dropped (RGBA, LA, PA): the colour channels are kept as stored, not composited on a
+      background, so transparent pixels show whatever colour the file holds there.
+    - 16-bit grey ("I;16", and "I" with values in 0..65535) is scaled by the 16-bit range, not by the
+      image's own minimum and maximum, so that every image of a camera or scanner gets the same scale:
+      value * 255 / 65535, rounded (the "I" values outside 0..65535 are clipped first).
+    - A multi-frame file (GIF, TIFF) gives its first frame.
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that is not an
+    image, is truncated, or holds floating-point pixels ("F": their range is unknown).
+    """
+    from PIL import Image, ImageOps
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        image = skimage.io.imread(path)
-    except Exception as error:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # a copy, fully decoded: the file can be closed
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # Pillow raises UnidentifiedImageError (an OSError) for what is no image, OSError for a
+        # truncated file and SyntaxError or ValueError for some malformed headers.
         raise ValueError(f"cannot read image {path}: {error}") from error
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] not in (3, 4):
-        raise ValueError(f"image {path} has shape {image.shape}; expected HxW, HxWx3 or HxWx4")
-    return np.ascontiguousarray(image[..., :3])
+    if image.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # rounded to nearest
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if image.mode == "F":
+        raise ValueError(f"image {path} has floating-point pixels (Pillow mode 'F'); expected 8-bit or "
+                         "16-bit images (convert it to one of those first)")
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a copy: writable, as torch.from_numpy wants
 
 
 def image_size(path) -> tuple[int, int]:
