@@ -57,14 +57,15 @@ POSITIVE, NON_NEGATIVE, AT_LEAST_1, FRACTION = Range(0, low_open=True), Range(0)
 
 # Ranges where the meaning demands one: sizes, counts, periods and batch sizes are positive; fractions,
 # probabilities and IoU thresholds lie in [0, 1]. Zero is allowed where the comment of the setting gives it
-# a meaning (EVAL_PERIOD=0: only at the end; ROI_BATCH_SIZE_PER_IMAGE=0: no RoI sampled for the heads).
+# a meaning (EVAL_PERIOD=0: only at the end; RPN_ and ROI_BATCH_SIZE_PER_IMAGE=0: nothing sampled for that
+# loss, which is then 0).
 RANGES = {
     "TRAINABLE_BACKBONE_LAYERS": Range(0, 5), "FROZEN_BN_EPS": NON_NEGATIVE, "FPN_CHANNELS": AT_LEAST_1,
     "ANCHOR_SIZES": POSITIVE, "ANCHOR_RATIOS": POSITIVE, "RPN_CONVS": AT_LEAST_1,
     "RPN_PRE_NMS_TOP_N_TRAIN": AT_LEAST_1, "RPN_PRE_NMS_TOP_N_TEST": AT_LEAST_1,
     "RPN_POST_NMS_TOP_N_TRAIN": AT_LEAST_1, "RPN_POST_NMS_TOP_N_TEST": AT_LEAST_1,
     "RPN_NMS_THRESHOLD": FRACTION, "RPN_SCORE_THRESHOLD": FRACTION, "RPN_MIN_SIZE": NON_NEGATIVE,
-    "RPN_FG_IOU_THRESHOLD": FRACTION, "RPN_BG_IOU_THRESHOLD": FRACTION, "RPN_BATCH_SIZE_PER_IMAGE": AT_LEAST_1,
+    "RPN_FG_IOU_THRESHOLD": FRACTION, "RPN_BG_IOU_THRESHOLD": FRACTION, "RPN_BATCH_SIZE_PER_IMAGE": NON_NEGATIVE,
     "RPN_POSITIVE_FRACTION": FRACTION, "ROI_FG_IOU_THRESHOLD": FRACTION, "ROI_BG_IOU_THRESHOLD": FRACTION,
     "ROI_BATCH_SIZE_PER_IMAGE": NON_NEGATIVE, "ROI_POSITIVE_FRACTION": FRACTION, "BOX_POOL_SIZE": AT_LEAST_1,
     "MASK_POOL_SIZE": AT_LEAST_1, "POOL_CANONICAL_SIZE": POSITIVE, "BOX_HEAD_CONVS": NON_NEGATIVE,
@@ -90,6 +91,10 @@ CHOICES = {
 # The type of settings whose default is None (the default says nothing about it).
 NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float}
 
+# Settings whose default's type does not say what they take; Config.validate checks each of them.
+FREE_FORM_SETTINGS = ("POOL_INTERPOLATION",)  # one name, or a pair (box pooling, mask pooling)
+INTERPOLATIONS = ("bilinear", "bicubic")
+
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -109,6 +114,8 @@ class SettingType(NamedTuple):
     def of(cls, key, default) -> "SettingType":
         """The type of `key` from its default value."""
         extra = dict(range=RANGES.get(key), choices=CHOICES.get(key))
+        if key in FREE_FORM_SETTINGS:
+            return cls(key, None, **extra)
         if default is None:
             return cls(key, NONE_DEFAULT_TYPES.get(key), nullable=True, **extra)
         if isinstance(default, tuple):
@@ -404,6 +411,11 @@ class Config:
         Errors are ValueError naming the setting, the value received and what was expected."""
         for key in self.keys():
             setattr(self, key, self.setting_type(key).check(getattr(self, key)))
+        interpolation = self.POOL_INTERPOLATION
+        names = (interpolation, interpolation) if isinstance(interpolation, str) else interpolation
+        if not (isinstance(names, tuple) and len(names) == 2 and all(n in INTERPOLATIONS for n in names)):
+            raise ValueError(f"POOL_INTERPOLATION must be 'bilinear', 'bicubic' or a pair (box pooling, mask "
+                             f"pooling) of them; got {interpolation!r}")
         if len(self.ANCHOR_SIZES) != 5:
             raise ValueError(f"ANCHOR_SIZES needs one size per level P2-P6 (5); got {self.ANCHOR_SIZES}")
         for stage in self.TRAINING_STAGES:

@@ -263,8 +263,9 @@ def test_per_class_ap_by_hand():
     metrics, table, _ = coco.score(gt, HAND_PREDICTIONS)
     assert metrics["per_class"]["segm"]["dog"]["AP"] == pytest.approx(0.3)
     assert metrics["bbox"]["AP"] == pytest.approx((51 / 101 + 3 / 10) / 2)  # COCO's AP: the mean over classes
-    assert table.splitlines()[-3].split() == ["cat", "50.5", "50.5", "50.5", "50.5"]
-    assert table.splitlines()[-1].split() == ["bird", "-", "-", "-", "-"]
+    # The bbox and segm columns (boundary ones follow where faster-coco-eval is installed).
+    assert table.splitlines()[-3].split()[:5] == ["cat", "50.5", "50.5", "50.5", "50.5"]
+    assert table.splitlines()[-1].split()[:5] == ["bird", "-", "-", "-", "-"]
     # Without any detection: 0 for the classes with objects, None for the others.
     metrics, _, _ = coco.score(gt, [])
     assert metrics["per_class"]["bbox"] == {"cat": {"AP": 0.0, "AP50": 0.0}, "dog": {"AP": 0.0, "AP50": 0.0},
