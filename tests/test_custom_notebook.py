@@ -5,7 +5,8 @@ The parameters cell is overridden the way papermill does it: a cell inserted aft
 in tmp_path and makes the labelme folder, the network and the training tiny. The oracles are what the notebook
 must have done, read back from the files it wrote and from its outputs: a labelme JSON file beside every
 image, a converted data set whose classes are the shapes' four, a checkpoint after the asked number of steps,
-the per-class table naming those classes, and one picture per drawing step. Any error in a cell fails the test.
+the per-class table naming those classes, and one picture per drawing step; run again in the same folder, the
+notebook keeps the labelme folder and trains anew. Any error in a cell fails the test.
 """
 
 import json
@@ -66,9 +67,10 @@ def test_notebook_is_committed_without_outputs():
     assert all(name in tagged[0].source for name in ("RUN =", "LABELME_DIR =", "WEIGHTS =", "ITERS =", "SETTINGS ="))
 
 
-def test_notebook_goes_from_a_labelme_folder_to_detections(tmp_path):
+def test_notebook_goes_from_a_labelme_folder_to_detections_and_runs_again(tmp_path):
     run = tmp_path / "tutorial"
-    notebook = run_notebook(RUN=str(run), SHAPES_IMAGES=16, SHAPES_SIZE=64, ITERS=2, SETTINGS=TINY, SCALE=1)
+    parameters = dict(RUN=str(run), SHAPES_IMAGES=16, SHAPES_SIZE=64, SETTINGS=TINY, SCALE=1)
+    notebook = run_notebook(ITERS=2, **parameters)
     text = printed(notebook)
     # The labelme folder: one JSON file beside each of the 16 images, naming its image.
     labelme = sorted(p.name for p in (run / "labelme").iterdir())
@@ -80,7 +82,7 @@ def test_notebook_goes_from_a_labelme_folder_to_detections(tmp_path):
     splits = {s: json.loads((annotations / f"instances_{s}.json").read_text()) for s in ("train", "val")}
     assert sum(len(d["images"]) for d in splits.values()) == 16 and all(d["images"] for d in splits.values())
     assert [c["name"] for c in splits["train"]["categories"]] == sorted(shapes.CLASSES)
-    assert "0 errors" in text
+    assert "0 errors, 0 warnings in train, val" in text
     # Trained for ITERS steps, on the classes of the data.
     checkpoint = torch.load(run / "train" / "last.pth", map_location="cpu", weights_only=False)
     assert checkpoint["iteration"] == 2
@@ -95,3 +97,11 @@ def test_notebook_goes_from_a_labelme_folder_to_detections(tmp_path):
     detected = re.findall(r"^(.*\.png): \d+ detections with a score of at least", text, re.MULTILINE)
     assert detected == [str(run / "shapes" / "val" / f"{i:06d}.png") for i in range(4)]
     assert len(pictures(notebook)) == PICTURES
+
+
+    # Run again in the same folder: the labelme folder is kept, converted afresh, and a new run trains over the first.
+    labelme = {p.name: p.stat().st_mtime_ns for p in (run / "labelme").iterdir()}
+    again = run_notebook(ITERS=3, **parameters)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "labelme").iterdir()} == labelme
+    assert torch.load(run / "train" / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 3
+    assert len(pictures(again)) == PICTURES
