@@ -1260,7 +1260,9 @@ def main(argv=None):
     ev.add_argument("--config", default="coco", help="preset: coco or shapes (a checkpoint's own config wins)")
     ev.add_argument("--data", help="data root (annotations/ and the image folders); default: "
                     f"{shapes.DEFAULT_ROOT} for shapes")
-    ev.add_argument("--weights", required=True, help="checkpoint path, or coco / coco_v2 (torchvision's)")
+    ev.add_argument("--weights", help="checkpoint path, or coco / coco_v2 (torchvision's)")
+    ev.add_argument("--results", help="score this COCO results JSON (detect.py --data's detections.json, or "
+                    "--detections' file) instead of running a model (then --weights is not needed)")
     ev.add_argument("--split", help="default: the config's VAL_SPLIT")
     ev.add_argument("--out", help="metrics JSON (default: eval_<split>.json beside the weights file)")
     ev.add_argument("--detections", help="also write the detections (COCO results JSON) here")
@@ -1306,29 +1308,64 @@ def main(argv=None):
     from config import named_config
     from model import MaskRCNN
 
+    if (args.weights is None) == (args.results is None):
+        parser.error("evaluate needs --weights (run a model) or --results (score a results file), one of them")
     data = data_root(args.config, args.data)
-    model = MaskRCNN.from_checkpoint(args.weights, args.set, args.device, config=named_config(args.config))
-    config = model.config
+    if args.results:
+        config = named_config(args.config).override(args.set)
+    else:
+        model = MaskRCNN.from_checkpoint(args.weights, args.set, args.device, config=named_config(args.config))
+        config = model.config
     if may_write_shapes(args.config, data):
         shapes.ensure(data)
     split = args.split or config.VAL_SPLIT
     dataset = CocoDataset(data, split, config.LABELS_ARE_CATEGORY_IDS)
-    results = predict(model, dataset, args.batch_size, args.device, args.limit, args.amp)
+    if args.results:
+        results = read_results(args.results, dataset.coco)
+    else:
+        results = predict(model, dataset, args.batch_size, args.device, args.limit, args.amp)
     image_ids = dataset.image_ids[: args.limit]
     metrics, table, evaluators = score(dataset.coco, results, image_ids, args.max_dets)
     print(table)
-    if os.path.isfile(str(args.weights)):
-        default_out = os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval_{split}.json")
+    scored = args.results or args.weights
+    if os.path.isfile(str(scored)):
+        default_out = os.path.join(os.path.dirname(os.path.abspath(scored)), f"eval_{split}.json")
     else:
         default_out = f"eval_{split}.json"
     out = args.out or default_out
-    utils.write_json_atomic(out, {**metrics, "weights": str(args.weights), "data": data, "split": split,
+    source = {"results": str(args.results)} if args.results else {"weights": str(args.weights)}
+    utils.write_json_atomic(out, {**metrics, **source, "data": data, "split": split,
                                   "images": len(dataset) if args.limit is None else min(args.limit, len(dataset))})
     print(f"metrics written to {out}")
     print(evaluation_pictures(dataset.coco, results, evaluators, os.path.splitext(out)[0], args.min_score,
                               image_ids))
     if args.detections:
         utils.write_json_atomic(args.detections, results)
+
+
+def read_results(path, coco_gt) -> list[dict]:
+    """A COCO results JSON (a list of {image_id, category_id, bbox, score[, segmentation]}) to score against
+    `coco_gt`, with errors that name the file and the entry: an image or category the annotation file does
+    not have would otherwise be scored as nothing, or crash pycocotools."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--results {path}: cannot read it as JSON ({error})") from error
+    if not isinstance(results, list):
+        raise ValueError(f"--results {path} must hold a list of detections; got a {type(results).__name__}")
+    for i, r in enumerate(results):
+        missing = [k for k in ("image_id", "category_id", "bbox", "score", "segmentation")
+                   if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"--results {path}: entry {i} lacks {', '.join(missing)}")
+        if r["image_id"] not in coco_gt.imgs:
+            raise ValueError(f"--results {path}: entry {i} is for image id {r['image_id']!r}, which "
+                             "the annotation file does not have (run detect.py with --data and --split)")
+        if r["category_id"] not in coco_gt.cats:
+            raise ValueError(f"--results {path}: entry {i} has category id {r['category_id']!r}, which "
+                             "the annotation file does not have")
+    return results
 
 
 def evaluation_pictures(coco_gt, results, evaluators, stem, min_score, image_ids) -> str:

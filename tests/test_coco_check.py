@@ -345,3 +345,27 @@ def test_evaluate_writes_the_per_class_table_and_pictures(tmp_path, capsys):
         assert row[0] == name
         assert sum(map(int, row[1:])) == sum(a["category_id"] == k + 1 for a in gt["annotations"])
     assert "per class (%):" in printed
+
+
+def test_evaluate_scores_a_results_file_without_a_model(tmp_path):
+    # detect.py --data writes detections.json with the data set's ids; evaluate --results scores it. The
+    # hand case above gives bbox AP (51/101 + 3/10) / 2 and the same per class.
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    gt = ground_truth(HAND_GT)
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(gt.dataset))
+    results = tmp_path / "detections.json"
+    results.write_text(json.dumps(HAND_PREDICTIONS))
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--config", "coco", "--data", str(tmp_path), "--split", "val", "--out", str(out)]
+    coco.main([*args, "--results", str(results)])
+    metrics = json.loads(out.read_text())
+    assert metrics["bbox"]["AP"] == pytest.approx((51 / 101 + 3 / 10) / 2)
+    assert metrics["per_class"]["segm"]["cat"]["AP"] == pytest.approx(51 / 101)
+    assert metrics["results"] == str(results) and "weights" not in metrics
+    # An image the annotation file does not have is named, not scored as nothing.
+    results.write_text(json.dumps([dict(HAND_PREDICTIONS[0], image_id=7)]))
+    with pytest.raises(ValueError, match=r"entry 0 is for image id 7"):
+        coco.main([*args, "--results", str(results)])
+    with pytest.raises(SystemExit):
+        coco.main(args)  # neither --weights nor --results
