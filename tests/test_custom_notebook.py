@@ -13,13 +13,11 @@ import json
 import os
 import re
 
-import nbformat
 import torch
-from nbclient import NotebookClient
+from helpers_notebook import ROOT, committed_parameters_cell, pictures, printed, run_notebook
 
 import shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "custom_data.ipynb")
 # Pictures the notebook draws: a converted image's ground truth, the training curves, the confusion matrix
 # and the detections on a new image.
@@ -33,44 +31,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
-
-
-def run_notebook(**parameters):
-    """Executes custom_data.ipynb in the repository root with `parameters` overriding its parameters cell."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-    overrides = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
-    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    return notebook
-
-
-def pictures(notebook):
-    return [output for cell in code_cells(notebook) for output in cell.outputs
-            if output.output_type in ("display_data", "execute_result") and "image/png" in output.get("data", {})]
-
-
-def printed(notebook):
-    return "".join(output.text for cell in code_cells(notebook) for output in cell.outputs
-                   if output.output_type == "stream")
-
-
 def test_notebook_is_committed_without_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(notebook)
-    for cell in code_cells(notebook):
-        assert cell.outputs == [] and cell.execution_count is None, f"outputs left in: {cell.source[:60]!r}"
-    tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assert all(name in tagged[0].source for name in ("RUN =", "LABELME_DIR =", "WEIGHTS =", "ITERS =", "SETTINGS ="))
+    source = committed_parameters_cell(NOTEBOOK)
+    assert all(name in source for name in ("RUN =", "LABELME_DIR =", "WEIGHTS =", "ITERS =", "SETTINGS ="))
 
 
 def test_notebook_goes_from_a_labelme_folder_to_detections_and_runs_again(tmp_path):
     run = tmp_path / "tutorial"
     parameters = dict(RUN=str(run), SHAPES_IMAGES=16, SHAPES_SIZE=64, SETTINGS=TINY, SCALE=1)
-    notebook = run_notebook(ITERS=2, **parameters)
+    notebook = run_notebook(NOTEBOOK, ITERS=2, **parameters)
     text = printed(notebook)
     # The labelme folder: one JSON file beside each of the 16 images, naming its image.
     labelme = sorted(p.name for p in (run / "labelme").iterdir())
@@ -101,7 +70,7 @@ def test_notebook_goes_from_a_labelme_folder_to_detections_and_runs_again(tmp_pa
 
     # Run again in the same folder: the labelme folder is kept, converted afresh, and a new run trains over the first.
     labelme = {p.name: p.stat().st_mtime_ns for p in (run / "labelme").iterdir()}
-    again = run_notebook(ITERS=3, **parameters)
+    again = run_notebook(NOTEBOOK, ITERS=3, **parameters)
     assert {p.name: p.stat().st_mtime_ns for p in (run / "labelme").iterdir()} == labelme
     assert torch.load(run / "train" / "last.pth", map_location="cpu", weights_only=False)["iteration"] == 3
     assert len(pictures(again)) == PICTURES

@@ -7,13 +7,11 @@ execution then finds that run's checkpoint and loads it. Any error in a cell fai
 
 import os
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers_notebook import ROOT, committed_parameters_cell, pictures, printed, run_notebook
 
 import shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "demo.ipynb")
 # Pictures the notebook draws: curves, anchors, proposals, refinement, masks, comparison, the three training
 # views (RPN targets, sampled RoIs, mask targets), 3 more comparisons, the photo's detections, its proposals
@@ -21,37 +19,8 @@ NOTEBOOK = os.path.join(ROOT, "demo.ipynb")
 PICTURES = 15
 
 
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
-
-
-def run_notebook(**parameters):
-    """Executes demo.ipynb in the repository root with `parameters` overriding its parameters cell."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-    overrides = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
-    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    return notebook
-
-
-def pictures(notebook):
-    return [output for cell in code_cells(notebook) for output in cell.outputs
-            if output.output_type in ("display_data", "execute_result") and "image/png" in output.get("data", {})]
-
-
-def printed(notebook):
-    return "".join(output.text for cell in code_cells(notebook) for output in cell.outputs
-                   if output.output_type == "stream")
-
-
 def test_notebook_is_committed_without_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(notebook)
-    for cell in code_cells(notebook):
-        assert cell.outputs == [] and cell.execution_count is None, f"outputs left in: {cell.source[:60]!r}"
-    tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
-    assert len(tagged) == 1 and "CHECKPOINT" in tagged[0].source
+    assert "CHECKPOINT" in committed_parameters_cell(NOTEBOOK)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +32,14 @@ def data(tmp_path_factory):
 
 def test_notebook_trains_a_short_run_then_loads_it(data, tmp_path):
     run = tmp_path / "run"
-    first = run_notebook(CHECKPOINT=str(tmp_path / "missing.pth"), DATA=str(data), SHORT_RUN=str(run),
+    first = run_notebook(NOTEBOOK, CHECKPOINT=str(tmp_path / "missing.pth"), DATA=str(data), SHORT_RUN=str(run),
                          SHORT_RUN_ITERS=2)
     assert "training a short run of 2 steps" in printed(first)
     assert (run / "last.pth").exists() and (run / "log.jsonl").exists()
     assert len(pictures(first)) == PICTURES
 
-    second = run_notebook(CHECKPOINT=str(run / "last.pth"), DATA=str(data), SHORT_RUN=str(tmp_path / "unused"))
+    second = run_notebook(NOTEBOOK, CHECKPOINT=str(run / "last.pth"), DATA=str(data),
+                          SHORT_RUN=str(tmp_path / "unused"))
     assert "training a short run" not in printed(second)
     assert f"{run / 'last.pth'}: classes ('square', 'circle', 'triangle', 'star')" in printed(second)
     assert not (tmp_path / "unused").exists()
