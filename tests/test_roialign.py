@@ -370,16 +370,18 @@ def test_hand_computed_gradient_of_outside_samples():
 # gradcheck, determinism, layouts, low precision
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("sampling_ratio", [2, -1])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck(aligned, sampling_ratio):
+def test_gradcheck(aligned, sampling_ratio, interpolation):
     torch.manual_seed(300 + aligned + sampling_ratio)
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
     # Random non-integer boxes on both images, some crossing the borders.
     rois = random_rois(6, 2, 6, 7, 0.5, torch.float64)
     rois[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     assert torch.autograd.gradcheck(
-        lambda t: roialign.roi_align(t, rois, (2, 3), 0.5, sampling_ratio, aligned), (x,), eps=1e-6, atol=1e-7
+        lambda t: roialign.roi_align(t, rois, (2, 3), 0.5, sampling_ratio, aligned, interpolation), (x,),
+        eps=1e-6, atol=1e-7,
     )
 
 
@@ -408,20 +410,26 @@ def test_deterministic_backward_equals_normal():
     assert_close(atomic, expected, **TOLERANCE[torch.float32])
 
 
-def test_cpu_result_independent_of_thread_count():
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_cpu_result_independent_of_thread_count(interpolation):
+    # Also under torch.use_deterministic_algorithms: the CPU backward is always the deterministic one.
     torch.manual_seed(401)
     x = torch.randn(2, 40, 20, 20)
     rois = random_rois(200, 2, 20, 20, 0.5)
+
+    def fn(t):
+        return roialign.roi_align(t, rois, 5, 0.5, 2, False, interpolation)
+
     previous = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(
-                forward_backward(lambda t: roialign.roi_align(t, rois, 5, 0.5, 2, False), x, seed=2)
-            )
+            results.append(forward_backward(fn, x, seed=2))
     finally:
         torch.set_num_threads(previous)
+    with deterministic_algorithms(True):
+        results.append(forward_backward(fn, x, seed=2))
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0])
         assert torch.equal(grad, results[0][1])
@@ -454,15 +462,16 @@ def test_channels_last_and_non_contiguous_input(dtype):
 LOW_PRECISION = {torch.float16: dict(atol=5e-3, rtol=5e-3), torch.bfloat16: dict(atol=4e-2, rtol=2e-2)}
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_low_precision(dtype):
+def test_cpu_low_precision(dtype, interpolation):
     torch.manual_seed(403)
     x = torch.randn(2, 4, 16, 20)
     rois = random_rois(30, 2, 16, 20, 0.5)
     grad = torch.randn(30, 4, 7, 7)
 
     def fn(boxes):
-        return lambda t: roialign.roi_align(t, boxes, 7, 0.5, 2, False)
+        return lambda t: roialign.roi_align(t, boxes, 7, 0.5, 2, False, interpolation)
 
     expected, expected_grad = forward_backward(fn(rois), x, grad)
     out, input_grad = forward_backward(fn(rois), x.to(dtype), grad.to(dtype))
@@ -471,11 +480,9 @@ def test_cpu_low_precision(dtype):
     assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])
     # RoIs in the low precision too: compared with float32 on the same (rounded) RoIs.
     rounded = rois.to(dtype)
-    out = roialign.roi_align(x.to(dtype), rounded, 7, 0.5, 2, False)
+    out = fn(rounded)(x.to(dtype))
     assert out.dtype == dtype
-    assert_close(
-        out.float(), roialign.roi_align(x, rounded.float(), 7, 0.5, 2, False), **LOW_PRECISION[dtype]
-    )
+    assert_close(out.float(), fn(rounded.float())(x), **LOW_PRECISION[dtype])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -686,35 +693,8 @@ def test_bicubic_taps_beyond_the_map_read_the_border_by_hand():
     assert_close(grad, expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, -1])
-@pytest.mark.parametrize("aligned", [False, True])
-def test_bicubic_gradcheck(aligned, sampling_ratio):
-    torch.manual_seed(702 + aligned + sampling_ratio)
-    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
-    rois = random_rois(6, 2, 6, 7, 0.5, torch.float64)
-    rois[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    assert torch.autograd.gradcheck(
-        lambda t: bicubic(t, rois, (2, 3), 0.5, sampling_ratio, aligned), (x,), eps=1e-6, atol=1e-7
-    )
 
 
-def test_bicubic_cpu_backward_is_deterministic_and_independent_of_threads():
-    torch.manual_seed(703)
-    x = torch.randn(2, 40, 20, 20)
-    rois = random_rois(200, 2, 20, 20, 0.5)
-    previous = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(forward_backward(lambda t: bicubic(t, rois, 5, 0.5, 2, False), x, seed=2))
-    finally:
-        torch.set_num_threads(previous)
-    with deterministic_algorithms(True):
-        results.append(forward_backward(lambda t: bicubic(t, rois, 5, 0.5, 2, False), x, seed=2))
-    for out, grad in results[1:]:
-        assert torch.equal(out, results[0][0])
-        assert torch.equal(grad, results[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -730,21 +710,6 @@ def test_bicubic_channels_last_and_module(dtype):
     assert_close(grad, expected_grad, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_bicubic_cpu_low_precision(dtype):
-    torch.manual_seed(705)
-    x = torch.randn(2, 4, 16, 20)
-    rois = random_rois(30, 2, 16, 20, 0.5)
-    grad = torch.randn(30, 4, 7, 7)
-
-    def fn(t):
-        return bicubic(t, rois, 7, 0.5, 2, False)
-
-    expected, expected_grad = forward_backward(fn, x, grad)
-    out, input_grad = forward_backward(fn, x.to(dtype), grad.to(dtype))
-    assert out.dtype == dtype and input_grad.dtype == dtype
-    assert_close(out.float(), expected, **LOW_PRECISION[dtype])
-    assert_close(input_grad.float(), expected_grad, **LOW_PRECISION[dtype])
 
 
 def test_bilinear_is_the_default_everywhere():
