@@ -38,8 +38,8 @@ bench: venv
 gpu-check: venv
 	$(PY) bench/gpu_check.py
 
-# Wheels for the GPU machine's Python 3.12 of the packages its image lacks (pycocotools).
-GPU_WHEELS := pycocotools
+# Wheels for the GPU machine's Python 3.12 of the packages its image lacks (pycocotools; faster-coco-eval for Boundary AP).
+GPU_WHEELS := pycocotools faster-coco-eval==1.8.0
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

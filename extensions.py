@@ -6,8 +6,10 @@ missing or stale still works: the sources are then compiled on the fly by
 `torch.utils.cpp_extension.load` (C++ always, CUDA when it would be built by setup.py too).
 
 Environment:
-  MASKRCNN_CUDA=0|1        force the CUDA sources off or on (default: on when nvcc and a CUDA build
-                           of torch are both present; no GPU is needed to compile them)
+  FORCE_CUDA=0|1           force the CUDA sources off or on (torchvision's and detectron2's name).
+                           Default: on when nvcc, a CUDA build of torch and a GPU are all present, so
+                           a laptop without a GPU skips minutes of nvcc it would never use; CI sets
+                           FORCE_CUDA=1 (no GPU is needed to compile them) to catch a CUDA build break
   CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda when it exists)
   TORCH_CUDA_ARCH_LIST     GPU architectures (default: Ampere and Hopper, with PTX for newer ones)
 """
@@ -44,24 +46,28 @@ def configure_environment():
 
 def with_cuda():
     """True when the CUDA sources should be compiled (see the module docstring)."""
-    forced = os.environ.get("MASKRCNN_CUDA")
-    if forced not in (None, "", "0", "1"):
-        raise ValueError(f"MASKRCNN_CUDA must be 0 or 1; got {forced!r}")
     import torch
 
     home = _find_cuda_home()
     has_nvcc = bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc"))
+    torch_cuda = torch.version.cuda is not None
+    return cuda_build_wanted(os.environ.get("FORCE_CUDA"), has_nvcc, torch_cuda,
+                             torch_cuda and torch.cuda.is_available())
+
+
+def cuda_build_wanted(forced, has_nvcc: bool, torch_cuda: bool, has_gpu: bool) -> bool:
+    """The decision of with_cuda(): FORCE_CUDA's value (None when unset) and what the machine has."""
+    if forced not in (None, "", "0", "1"):
+        raise ValueError(f"FORCE_CUDA must be 0 or 1; got {forced!r}")
     if forced == "1":
-        if not (has_nvcc and torch.version.cuda):
+        if not (has_nvcc and torch_cuda):
             raise RuntimeError(
-                "MASKRCNN_CUDA=1 but the CUDA build is not possible: "
+                "FORCE_CUDA=1 but the CUDA build is not possible: "
                 f"nvcc {'found' if has_nvcc else 'not found (set CUDA_HOME)'}, "
-                f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} build"
+                f"torch is {'a CUDA' if torch_cuda else 'a CPU-only'} build"
             )
         return True
-    if forced == "0":
-        return False
-    return has_nvcc and torch.version.cuda is not None
+    return forced != "0" and has_nvcc and torch_cuda and has_gpu
 
 
 def sources(package, cuda):
@@ -112,5 +118,5 @@ def load_or_build(package):
             f"({type(error).__name__}: {error}). Build it with `make venv` or "
             "`pip install --no-build-isolation -e .` from the repository root; this needs a C++ compiler "
             "(g++), ninja (`pip install ninja`) and, for the CUDA kernels, nvcc with CUDA_HOME set "
-            "(or MASKRCNN_CUDA=0 to build the CPU kernels only)."
+            "(or FORCE_CUDA=0 to build the CPU kernels only)."
         ) from error

@@ -41,12 +41,10 @@ bring it as a wheel (`make gpu-wheels` downloads it into .whl/; README, "On a GP
 
 import argparse
 import copy
-import datetime
 import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -60,6 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import machine_description  # noqa: E402
 
 # Import name -> package name, for everything this script (and what it runs) imports.
 NEEDED = {
@@ -94,9 +93,10 @@ QUICK_TRAIN_SETTINGS = [
 
 # Relative error ||got - reference|| / ||reference|| allowed against a float32 (or float64) reference.
 REL_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# torchvision's roi_align computes in the input's dtype where ours computes in float32 (measured on the
-# CPU: 5e-3 in float16), so its low-precision results get looser bounds, still far below a wrong result.
-TORCHVISION_REL_TOLERANCE = {**REL_TOLERANCE, torch.float16: 1.5e-2, torch.bfloat16: 8e-2}
+# torchvision's roi_align computes in the input's dtype where ours computes in float32, so its low-precision
+# results get looser bounds, still far below a wrong result. Measured against our float32 CPU op: 5e-3 in
+# float16 on the CPU; on an H200 up to 4.7e-2 in float16 (aligned, sampling 2), and within 8e-2 in bfloat16.
+TORCHVISION_REL_TOLERANCE = {**REL_TOLERANCE, torch.float16: 8e-2, torch.bfloat16: 8e-2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,29 +166,11 @@ def missing_packages() -> list[str]:
     return [package for module, package in NEEDED.items() if importlib.util.find_spec(module) is None]
 
 
-def machine_description(device: torch.device) -> dict:
-    import torchvision
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
-               "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        machine.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                       gpu_memory_gb=round(props.total_memory / 2**30), multiprocessors=props.multi_processor_count)
-    return machine
-
-
 def build_environment(device: torch.device) -> dict:
     """Environment of the in-place build: this GPU's architecture only, every core, CUDA forced on."""
     major, minor = torch.cuda.get_device_capability(device)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(os.cpu_count() or 1),
-               MASKRCNN_CUDA="1")
+               FORCE_CUDA="1")
     return env
 
 

@@ -1,13 +1,17 @@
-"""Timing shared by the benchmarks: the median seconds of a call, after warm-up.
+"""Timing shared by the benchmarks: the median seconds of a call, after warm-up, and the machine it ran on.
 
 On CUDA each call is timed with CUDA events recorded around it on the current stream (the device's
 own clock, so host-side launch overhead counts only where it leaves the device idle); on the CPU with
 the wall clock."""
 
+import datetime
+import os
+import platform
 import statistics
 import time
 
 import torch
+import torchvision
 
 
 def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -28,3 +32,21 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
             fn()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def machine_description(device) -> dict:
+    """What a benchmark's figures depend on: date, CPU model and cores, versions, and the GPU if one is used."""
+    device = torch.device(device)
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+               "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        machine.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                       gpu_memory_gb=round(props.total_memory / 2**30), multiprocessors=props.multi_processor_count)
+    return machine

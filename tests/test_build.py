@@ -13,11 +13,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cuda_switch(monkeypatch):
-    monkeypatch.setenv("MASKRCNN_CUDA", "0")
+    monkeypatch.setenv("FORCE_CUDA", "0")
     assert extensions.with_cuda() is False
-    monkeypatch.setenv("MASKRCNN_CUDA", "yes")
-    with pytest.raises(ValueError, match="MASKRCNN_CUDA must be 0 or 1"):
+    monkeypatch.setenv("FORCE_CUDA", "yes")
+    with pytest.raises(ValueError, match="FORCE_CUDA must be 0 or 1"):
         extensions.with_cuda()
+
+
+@pytest.mark.parametrize(
+    "forced, has_nvcc, torch_cuda, has_gpu, expected",
+    [
+        (None, True, True, True, True),  # a GPU machine with the toolkit builds CUDA
+        (None, True, True, False, False),  # no GPU: minutes of nvcc saved
+        (None, False, True, True, False),  # no nvcc
+        (None, True, False, False, False),  # CPU-only torch
+        ("", True, True, True, True),
+        ("0", True, True, True, False),  # forced off
+        ("1", True, True, False, True),  # forced on without a GPU (CI)
+    ],
+)
+def test_cuda_build_decision(forced, has_nvcc, torch_cuda, has_gpu, expected):
+    assert extensions.cuda_build_wanted(forced, has_nvcc, torch_cuda, has_gpu) is expected
+
+
+def test_forced_cuda_without_toolkit_says_why():
+    with pytest.raises(RuntimeError, match="FORCE_CUDA=1 but the CUDA build is not possible: nvcc not found"):
+        extensions.cuda_build_wanted("1", False, True, True)
+
+
+def test_ci_compiles_the_cuda_kernels():
+    """CI has no GPU, so without FORCE_CUDA=1 a CUDA build break would pass unnoticed."""
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "FORCE_CUDA=1 make test" in f.read()
 
 
 def test_sources_split_cpp_and_cuda():
@@ -29,7 +56,7 @@ def test_sources_split_cpp_and_cuda():
 
 def test_failed_build_says_what_to_do(monkeypatch, tmp_path):
     # A package with no sources cannot be built: the error must say how to build it properly.
-    monkeypatch.setenv("MASKRCNN_CUDA", "0")
+    monkeypatch.setenv("FORCE_CUDA", "0")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
         extensions.load_or_build("no_such_package")
@@ -53,7 +80,7 @@ def test_missing_module_is_built_on_the_fly(tmp_path):
         "out = roialign.roi_align(torch.ones(1, 1, 4, 4), torch.tensor([[0, 0, 0, 2, 2.]]), 2)\n"
         "assert out.shape == (1, 1, 2, 2) and bool((out == 1).all()), out\n"
     )
-    env = dict(os.environ, MASKRCNN_CUDA="0", TORCH_EXTENSIONS_DIR=str(tmp_path / "build"))
+    env = dict(os.environ, FORCE_CUDA="0", TORCH_EXTENSIONS_DIR=str(tmp_path / "build"))
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
     )

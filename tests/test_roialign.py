@@ -26,6 +26,10 @@ OUTPUT_SIZES = [(7, 7), (14, 14), (3, 5)]
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 # CUDA gradients are summed with atomic adds (or, deterministic, in another order than on CPU).
 GRAD_TOLERANCE_CUDA = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+# CUDA forward against the CPU op: sample coordinates of up to 50 px carry float32 rounding of about 4e-6 px,
+# and nvcc contracts multiply-adds into FMAs where the CPU build may not, so a sample moves by that much;
+# on randn maps (slopes of a few units per pixel) outputs then differ by about 1e-5 (1.2e-5 on an H200).
+FORWARD_TOLERANCE_CUDA = {torch.float32: dict(atol=5e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -881,7 +885,9 @@ def test_cuda_matches_cpu_and_torchvision(sampling_ratio, aligned, dtype):
                 )
                 assert gpu.device.type == "cuda" and gpu.dtype == dtype
                 tol, grad_tol = TOLERANCE[dtype], GRAD_TOLERANCE_CUDA[dtype]
-                assert_close(gpu.cpu(), cpu, **tol, msg=lambda m, c=case: f"forward vs CPU, {c}: {m}")
+                assert_close(
+                    gpu.cpu(), cpu, **FORWARD_TOLERANCE_CUDA[dtype], msg=lambda m, c=case: f"forward vs CPU, {c}: {m}"
+                )
                 assert_close(gpu, tv, **tol, msg=lambda m, c=case: f"forward vs torchvision, {c}: {m}")
                 assert_close(
                     gpu_grad.cpu(), cpu_grad, **grad_tol, msg=lambda m, c=case: f"grad vs CPU, {c}: {m}"
@@ -930,7 +936,7 @@ def test_cuda_channels_last(dtype):
     assert_close(out, expected, **TOLERANCE[dtype])
     assert_close(grad, expected_grad, **GRAD_TOLERANCE_CUDA[dtype])
     assert_close(
-        out.cpu(), roialign.roi_align(x.cpu(), rois.cpu(), (5, 4), 0.5, -1, False), **TOLERANCE[dtype]
+        out.cpu(), roialign.roi_align(x.cpu(), rois.cpu(), (5, 4), 0.5, -1, False), **FORWARD_TOLERANCE_CUDA[dtype]
     )
 
 
@@ -1017,7 +1023,9 @@ def test_cuda_bicubic_matches_cpu(sampling_ratio, aligned, dtype):
                         lambda t, r=rois_gpu, a=args: bicubic(t, r, *a), x.cuda().contiguous(memory_format=layout)
                     )
                 assert gpu.device.type == "cuda" and gpu.dtype == dtype
-                assert_close(gpu.cpu(), cpu, **TOLERANCE[dtype], msg=lambda m, c=case: f"forward, {c}: {m}")
+                assert_close(
+                    gpu.cpu(), cpu, **FORWARD_TOLERANCE_CUDA[dtype], msg=lambda m, c=case: f"forward, {c}: {m}"
+                )
                 assert_close(
                     gpu_grad.cpu(), cpu_grad, **GRAD_TOLERANCE_CUDA[dtype], msg=lambda m, c=case: f"grad, {c}: {m}"
                 )
