@@ -28,7 +28,8 @@ seed: for each arm the table gives the mean and standard deviation over seeds of
 Boundary AP, and the mean paired difference to the baseline with its 95% t-interval over seeds.
 
 Runs whose metrics.json exists are not run again, so an interrupted ablation continues where it stopped
-(delete --out to start over). Results: OUT/ablation.json and OUT/ablation.md (default runs/ablation).
+(delete --out to start over); --report summarises the finished runs and trains nothing. Results:
+OUT/ablation.json and OUT/ablation.md (default runs/ablation).
 """
 
 import argparse
@@ -113,6 +114,8 @@ def summarise(rows: list[dict], arms: list[str]) -> list[dict]:
     summary = []
     for arm in arms:
         own = [row for row in rows if row["arm"] == arm]
+        if not own:
+            continue
         entry = {"arm": arm, "seeds": len(own), "train s": sum(r["train_seconds"] for r in own) / len(own)}
         for name in METRICS.values():
             values = [row[name] for row in own]
@@ -126,8 +129,9 @@ def summarise(rows: list[dict], arms: list[str]) -> list[dict]:
     return summary
 
 
-def markdown(summary: list[dict], command: str, machine: dict, seconds: float) -> str:
-    lines = [f"`{command}`: {', '.join(f'{k}: {v}' for k, v in machine.items())}; {seconds / 60:.0f} min in all.", "",
+def markdown(summary: list[dict], command: str, machine: dict, seconds: float, report: bool) -> str:
+    where = "summarised on" if report else f"{seconds / 60:.0f} min in all on"
+    lines = [f"`{command}`: {where} {', '.join(f'{k}: {v}' for k, v in machine.items())}.", "",
              "Mean ± sd over seeds; vs baseline: mean paired difference ± half-width of its 95% t-interval.", ""]
     columns = list(METRICS.values())
     lines.append("| arm | seeds | train s | " + " | ".join(f"{c} | vs baseline" for c in columns) + " |")
@@ -170,6 +174,7 @@ def main(argv=None):
     parser.add_argument("--device", help="cpu or cuda (default: train.py's, cuda when there is one)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; on a GPU machine, more)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every arm")
+    parser.add_argument("--report", action="store_true", help="summarise the runs that finished; train nothing")
     args = parser.parse_args(argv)
     arms = parse_list(args.arms, "--arms")
     unknown = [arm for arm in arms if arm not in ARMS]
@@ -181,13 +186,18 @@ def main(argv=None):
     if args.iters < 1 or args.jobs < 1:
         raise SystemExit(f"--iters and --jobs must be at least 1; got {args.iters} and {args.jobs}")
 
-    if not os.path.exists(os.path.join(args.data, "annotations", "instances_val.json")):
+    if not args.report and not os.path.exists(os.path.join(args.data, "annotations", "instances_val.json")):
         print(f"writing the shapes data set to {args.data}", flush=True)
         shapes.generate(args.data)
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(arm, seed) for seed in seeds for arm in arms]  # seed-major: a cut-short run has whole seeds
+    if args.report:
+        runs = [(arm, seed) for arm, seed in runs
+                if os.path.exists(os.path.join(run_folder(args.out, arm, seed), "metrics.json"))]
+        if not any(arm == "baseline" for arm, _ in runs):
+            raise SystemExit(f"--report: no finished baseline run in {args.out}")
     rows = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(train_arm, arm, seed, args, threads): (arm, seed) for arm, seed in runs}
@@ -201,7 +211,7 @@ def main(argv=None):
     summary = summarise(rows, arms)
     command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_description(args.device or "cpu")
-    text = markdown(summary, command.strip(), machine, seconds)
+    text = markdown(summary, command.strip(), machine, seconds, args.report)
     write_atomic(os.path.join(args.out, "ablation.md"), text)
     write_atomic(os.path.join(args.out, "ablation.json"), json.dumps(
         {"command": command, "machine": machine, "seconds": seconds, "runs": sorted(rows, key=lambda r: (
