@@ -129,20 +129,25 @@ def summarise(rows: list[dict], arms: list[str]) -> list[dict]:
     return summary
 
 
+def plus_minus(value: float, spread: float, form: str) -> str:
+    """'0.312 ± 0.004', or the value alone where one seed gives no spread."""
+    return form.format(value) if math.isnan(spread) else f"{form.format(value)} ± {spread:.3f}"
+
+
 def markdown(summary: list[dict], command: str, machine: dict, seconds: float, report: bool) -> str:
     where = "summarised on" if report else f"{seconds / 60:.0f} min in all on"
     lines = [f"`{command}`: {where} {', '.join(f'{k}: {v}' for k, v in machine.items())}.", "",
-             "Mean ± sd over seeds; vs baseline: mean paired difference ± half-width of its 95% t-interval.", ""]
+             "Mean ± sd over seeds; vs baseline: the mean of the differences to the baseline of the same seed ± the "
+             "half-width of its 95% t-interval (the value alone for one seed).", ""]
     columns = list(METRICS.values())
     lines.append("| arm | seeds | train s | " + " | ".join(f"{c} | vs baseline" for c in columns) + " |")
     lines.append("|---|---|---|" + "---|---|" * len(columns))
     for entry in summary:
         cells = [entry["arm"], str(entry["seeds"]), f"{entry['train s']:.0f}"]
         for name in columns:
-            mean, sd = entry[name]
-            cells.append(f"{mean:.3f} ± {sd:.3f}")
+            cells.append(plus_minus(*entry[name], "{:.3f}"))
             paired = entry[f"{name} vs baseline"]
-            cells.append("" if paired is None else f"{paired[0]:+.3f} ± {paired[1]:.3f}")
+            cells.append("" if paired is None else plus_minus(*paired, "{:+.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
