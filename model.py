@@ -742,6 +742,20 @@ def pool_interpolations(setting) -> tuple[str, str]:
                      f"them; got {setting!r}")
 
 
+def pyramid_levels(boxes: Tensor, canonical_size: float, canonical_level: int, formula: str) -> Tensor:
+    """[N] FPN levels (float, not clamped) of boxes [N, 4] (FPN paper, eq. 1), with POOL_LEVEL_FORMULA's
+    epsilon, which decides boxes at a boundary between two levels:
+    "torchvision" (LevelMapper): floor(level + log2(sqrt(area) / size) + 1e-6);
+    "detectron2" (poolers.py, assign_boxes_to_levels): floor(level + log2(sqrt(area) / size + 1e-8))."""
+    relative = torch.sqrt(utils.box_area(boxes)) / canonical_size
+    if formula == "detectron2":
+        return torch.floor(canonical_level + torch.log2(relative + 1e-8))
+    if formula != "torchvision":
+        raise ValueError(f"POOL_LEVEL_FORMULA must be 'torchvision' or 'detectron2'; got {formula!r}")
+    eps = torch.tensor(1e-6, dtype=relative.dtype, device=relative.device)
+    return torch.floor(canonical_level + torch.log2(relative) + eps)
+
+
 class PyramidRoIAlign(nn.Module):
     """RoIAlign on the FPN level that suits each box's size (FPN paper, eq. 1):
     level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5, with POOL_LEVEL_FORMULA's epsilon.
@@ -764,13 +778,7 @@ class PyramidRoIAlign(nn.Module):
         scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
         first, last = -math.log2(scales[0]), -math.log2(scales[-1])
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
-        relative = torch.sqrt(area) / self.canonical_size
-        if self.level_formula == "detectron2":  # poolers.py, assign_boxes_to_levels
-            levels = torch.floor(self.canonical_level + torch.log2(relative + 1e-8))
-        else:  # torchvision's LevelMapper
-            eps = torch.tensor(1e-6, dtype=area.dtype, device=area.device)
-            levels = torch.floor(self.canonical_level + torch.log2(relative) + eps)
+        levels = pyramid_levels(rois[:, 1:], self.canonical_size, self.canonical_level, self.level_formula)
         levels = (levels.clamp(first, last) - first).to(torch.int64)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
         for level, (feature, scale) in enumerate(zip(features, scales)):
