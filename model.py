@@ -1430,9 +1430,11 @@ class MaskRCNN(nn.Module):
         return results
 
     def load_weights(self, source, exclude=(), strict=True):
-        """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling) or an ImageNet
-        ResNet (backbone only). `source` is a path, a state_dict, or "coco", "coco_v2", "imagenet" for
-        torchvision's published files; files are loaded with weights_only=True (utils.load_file).
+        """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling), detectron2's (a
+        model-zoo .pkl or a .pth; names and class rows converted by convert_detectron2_state_dict, for the
+        d2_* presets) or an ImageNet ResNet (backbone only). `source` is a path, a state_dict, or "coco",
+        "coco_v2", "imagenet", "d2_r50_fpn_3x", "d2_r101_fpn_3x" for the published files; files are loaded
+        with weights_only=True or, for .pkl, a restricted unpickler (utils.load_file).
         `exclude`: key prefixes or regexes to skip; "heads" means the class-specific layers (to fine-tune
         on other classes). Keys whose shapes differ are skipped and logged (e.g. a head for another
         number of classes).
@@ -1537,7 +1539,8 @@ def key_list(keys, shown=5) -> str:
 
 def convert_state_dict(state: dict) -> dict:
     """Our key spelling from any accepted checkpoint: our own (possibly under "model" and DDP's
-    "module."), torchvision's current and legacy Mask R-CNN keys, or a bare ImageNet ResNet."""
+    "module."), torchvision's current and legacy Mask R-CNN keys, detectron2's (convert_detectron2_state_dict),
+    or a bare ImageNet ResNet."""
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())

@@ -291,7 +291,8 @@ def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
 
 def load_state_dict(source, backbone: str = "resnet50") -> dict:
     """A state dict (or a checkpoint dict) from a dict, a file (load_file), or a name in WEIGHT_URLS
-    ("imagenet" means the config's backbone), downloaded to the torch hub cache when there is a network."""
+    ("imagenet" means the config's backbone), downloaded to the torch hub cache when there is a network
+    (a file already there under the URL's file name is used without one)."""
     if isinstance(source, dict):
         return source
     source = str(source)

@@ -10,6 +10,7 @@ cases (480 x 640 resized, one cell's anchors, a box at a level boundary, a paste
 reordering, clipped and dropped boxes, a marker file that a refused pickle would have created).
 """
 
+import json
 import math
 import os
 import pickle
@@ -23,6 +24,7 @@ import torchvision
 from helpers_model import smooth_image
 from PIL import Image
 
+import coco
 import model as model_module
 import utils
 from config import COCO_CLASS_NAMES, CONFIGS, Config, Detectron2R50FPN3xConfig, named_config
@@ -198,14 +200,18 @@ def test_presets_are_registered_with_detectron2s_settings():
         False, "torchvision", "torchvision", False)
 
 
-def test_labels_are_contiguous_in_coco_category_id_order():
-    # detectron2's class j (0..79) is the j-th COCO category by id (builtin_meta.py); ours is j + 1, and
-    # coco.py's label_to_category maps label i to the i-th sorted category id.
+def test_labels_map_to_coco_category_ids(tmp_path):
+    # detectron2's class j (0..79) is the j-th COCO category by id (builtin_meta.py); ours is j + 1, which
+    # coco.py's CocoDataset maps back to the category id when LABELS_ARE_CATEGORY_IDS is False.
     c = named_config("d2_r50_fpn_3x")
-    category_ids = [i for i, name in enumerate(COCO_CLASS_NAMES) if i and name != "N/A"]
-    assert c.NUM_CLASSES == 81 and not c.LABELS_ARE_CATEGORY_IDS and len(category_ids) == 80
-    for label, category_id in enumerate(category_ids, start=1):
-        assert c.CLASS_NAMES[label] == COCO_CLASS_NAMES[category_id]
+    categories = [{"id": i, "name": name} for i, name in enumerate(COCO_CLASS_NAMES) if i and name != "N/A"]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "1.jpg", "height": 10, "width": 10}], "annotations": [],
+         "categories": categories}))
+    dataset = coco.CocoDataset(str(tmp_path), "val2017", c.LABELS_ARE_CATEGORY_IDS)
+    assert c.NUM_CLASSES == dataset.num_classes == 81 and tuple(dataset.class_names) == c.CLASS_NAMES
+    assert (dataset.label_to_category[1], dataset.label_to_category[12], dataset.label_to_category[80]) == (1, 13, 90)
     assert (c.CLASS_NAMES[1], c.CLASS_NAMES[12], c.CLASS_NAMES[80]) == ("person", "stop sign", "toothbrush")
 
 
