@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers_model import smooth_image
+from helpers_model import assert_same_detections, smooth_image
 from PIL import Image
 
 import coco
@@ -50,9 +50,9 @@ def detectron2_state(config, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     state = {}
 
-    def conv(name, out_channels, in_channels, kernel, bias=False):
+    def conv(name, out_channels, in_channels, kernel, bias=False, gain=1.0):
         fan_in = in_channels * kernel * kernel
-        state[name + ".weight"] = (rng.standard_normal((out_channels, in_channels, kernel, kernel))
+        state[name + ".weight"] = (gain * rng.standard_normal((out_channels, in_channels, kernel, kernel))
                                    / math.sqrt(fan_in)).astype(np.float32)
         if bias:
             state[name + ".bias"] = (0.1 * rng.standard_normal(out_channels)).astype(np.float32)
@@ -84,12 +84,13 @@ def detectron2_state(config, seed=0) -> dict:
         conv(f"backbone.fpn_output{k}", c, c, 3, bias=True)
     conv("proposal_generator.rpn_head.conv", c, c, 3, bias=True)
     conv("proposal_generator.rpn_head.objectness_logits", 3, c, 1, bias=True)
-    conv("proposal_generator.rpn_head.anchor_deltas", 12, c, 1, bias=True)
+    conv("proposal_generator.rpn_head.anchor_deltas", 12, c, 1, bias=True, gain=0.2)  # boxes near their anchors
     dim, pool = config.BOX_HEAD_DIM, config.BOX_POOL_SIZE
-    for name, cout, cin in (("fc1", dim, c * pool * pool), ("fc2", dim, dim), ("cls_score", NUM_FOREGROUND + 1, dim),
-                            ("bbox_pred", 4 * NUM_FOREGROUND, dim)):
+    layers = (("fc1", dim, c * pool * pool, 1.0), ("fc2", dim, dim, 1.0), ("cls_score", NUM_FOREGROUND + 1, dim, 1.0),
+              ("bbox_pred", 4 * NUM_FOREGROUND, dim, 0.2))  # small box deltas, as the RPN's
+    for name, cout, cin, gain in layers:
         head = "box_predictor" if name in ("cls_score", "bbox_pred") else "box_head"
-        weight = rng.standard_normal((cout, cin)) / math.sqrt(cin)
+        weight = gain * rng.standard_normal((cout, cin)) / math.sqrt(cin)
         state[f"roi_heads.{head}.{name}.weight"] = weight.astype(np.float32)
         state[f"roi_heads.{head}.{name}.bias"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
     m = config.MASK_HEAD_CHANNELS
@@ -579,4 +580,116 @@ def test_grid_sample_paste_follows_detectron2s_paste_in_float64():
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-5)
     thresholded = paste_masks(masks.float(), boxes.float(), (70, 100), 0.5, mode="grid_sample", inclusive=True)
     agree = (thresholded[:, 0] == (expected >= 0.5)).double().mean()
+    assert agree > 0.999
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole inference against a float64 reference of detectron2's, from the network's input on
+
+
+def ref_decode(deltas, boxes, weights):
+    """detectron2's Box2BoxTransform.apply_deltas (box_regression.py): deltas [N, 4] on boxes [N, 4]."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dw = (deltas[:, 2] / ww).clamp(max=math.log(1000.0 / 16))
+    dh = (deltas[:, 3] / wh).clamp(max=math.log(1000.0 / 16))
+    x, y = deltas[:, 0] / wx * widths + ctr_x, deltas[:, 1] / wy * heights + ctr_y
+    w, h = torch.exp(dw) * widths, torch.exp(dh) * heights
+    return torch.stack([x - 0.5 * w, y - 0.5 * h, x + 0.5 * w, y + 0.5 * h], dim=1)
+
+
+def ref_clip(boxes, h, w):
+    return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                        boxes[:, 3].clamp(0, h)], dim=1)
+
+
+def ref_nonempty(boxes):
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def ref_pool(features, boxes, size):
+    """ROIPooler with ROIAlignV2: level floor(4 + log2(sqrt(area) / 224 + 1e-8)) in 2..5, torchvision's
+    roi_align(aligned=True, sampling_ratio=0) at 1 / stride."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    levels = torch.floor(4 + torch.log2(torch.sqrt(area) / 224 + 1e-8)).clamp(2, 5).long()
+    out = torch.zeros(len(boxes), features[0].shape[1], size, size, dtype=torch.float64)
+    for level in range(2, 6):
+        index = torch.where(levels == level)[0]
+        if len(index):
+            out[index] = torchvision.ops.roi_align(features[level - 2], [boxes[index]], size, 1 / 2**level, 0, True)
+    return out
+
+
+def ref_detectron2_inference(x, image_size, original, config, d):
+    """detectron2's GeneralizedRCNN.inference + detector_postprocess on the normalised, padded input x
+    [1, 3, H, W] (float64), from detectron2.md: boxes in the original image, scores, labels (ours: + 1),
+    mask probabilities pasted by grid_sample."""
+    h, w = image_size
+    features = ref_fpn(ref_resnet(x, d), d)
+    grids = [f.shape[-2:] for f in features]
+    anchors = d2_anchors(grids, (4, 8, 16, 32, 64), config.ANCHOR_SIZES, config.ANCHOR_RATIOS).split(
+        [3 * g[0] * g[1] for g in grids])
+    boxes, logits, levels = [], [], []
+    for level, (feature, level_anchors) in enumerate(zip(features, anchors)):
+        hidden = F.relu(F.conv2d(feature, d["proposal_generator.rpn_head.conv.weight"],
+                                 d["proposal_generator.rpn_head.conv.bias"], padding=1))
+        logit = F.conv2d(hidden, d["proposal_generator.rpn_head.objectness_logits.weight"],
+                         d["proposal_generator.rpn_head.objectness_logits.bias"])[0].permute(1, 2, 0).reshape(-1)
+        delta = F.conv2d(hidden, d["proposal_generator.rpn_head.anchor_deltas.weight"],
+                         d["proposal_generator.rpn_head.anchor_deltas.bias"])[0]
+        delta = delta.view(3, 4, *delta.shape[-2:]).permute(2, 3, 0, 1).reshape(-1, 4)  # (H * W * A, 4)
+        top = logit.topk(min(config.RPN_PRE_NMS_TOP_N_TEST, len(logit))).indices
+        boxes.append(ref_decode(delta[top], level_anchors[top], (1.0, 1.0, 1.0, 1.0)))
+        logits.append(logit[top])
+        levels.append(torch.full((len(top),), level))
+    boxes, logits, levels = ref_clip(torch.cat(boxes), h, w), torch.cat(logits), torch.cat(levels)
+    keep = ref_nonempty(boxes)
+    boxes, logits, levels = boxes[keep], logits[keep], levels[keep]
+    proposals = boxes[torchvision.ops.batched_nms(boxes, logits, levels, 0.7)[: config.RPN_POST_NMS_TOP_N_TEST]]
+
+    x = ref_pool(features[:4], proposals, 7).flatten(1)
+    x = F.relu(F.linear(x, d["roi_heads.box_head.fc1.weight"], d["roi_heads.box_head.fc1.bias"]))
+    x = F.relu(F.linear(x, d["roi_heads.box_head.fc2.weight"], d["roi_heads.box_head.fc2.bias"]))
+    scores = F.softmax(F.linear(x, d["roi_heads.box_predictor.cls_score.weight"],
+                                d["roi_heads.box_predictor.cls_score.bias"]), -1)[:, :-1]  # (R, 80)
+    deltas = F.linear(x, d["roi_heads.box_predictor.bbox_pred.weight"], d["roi_heads.box_predictor.bbox_pred.bias"])
+    per_class = ref_decode(deltas.reshape(-1, 4), proposals.repeat_interleave(80, 0), (10.0, 10.0, 5.0, 5.0))
+    per_class = ref_clip(per_class, h, w).view(-1, 80, 4)
+    rows, classes = torch.where(scores > 0.05)
+    boxes, scores = per_class[rows, classes], scores[rows, classes]
+    keep = torchvision.ops.batched_nms(boxes, scores, classes, 0.5)[:100]
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+
+    y = ref_pool(features[:4], boxes, 14)
+    for i in range(1, 5):
+        y = F.relu(F.conv2d(y, d[f"roi_heads.mask_head.mask_fcn{i}.weight"], d[f"roi_heads.mask_head.mask_fcn{i}.bias"],
+                            padding=1))
+    y = F.relu(F.conv_transpose2d(y, d["roi_heads.mask_head.deconv.weight"], d["roi_heads.mask_head.deconv.bias"],
+                                  stride=2))
+    mask_logits = F.conv2d(y, d["roi_heads.mask_head.predictor.weight"], d["roi_heads.mask_head.predictor.bias"])
+    masks = mask_logits[torch.arange(len(classes)), classes].sigmoid()  # (D, 28, 28)
+
+    height, width = original
+    boxes = ref_clip(boxes * torch.tensor([width / w, height / h] * 2, dtype=torch.float64), height, width)
+    keep = ref_nonempty(boxes)
+    boxes, scores, classes, masks = boxes[keep], scores[keep], classes[keep], masks[keep]
+    gy = ((torch.arange(height, dtype=torch.float64) + 0.5)[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2])
+    gx = ((torch.arange(width, dtype=torch.float64) + 0.5)[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1])
+    grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], dim=3) * 2 - 1
+    pasted = F.grid_sample(masks[:, None], grid, align_corners=False)
+    return {"boxes": boxes, "scores": scores, "labels": classes + 1, "masks": pasted}
+
+
+def test_inference_follows_the_detectron2_reference(d2):
+    config, d, model = d2
+    image = smooth_image(60, 90, seed=5)
+    batch, _ = preprocess([image], config)
+    expected = ref_detectron2_inference(batch.tensor.double(), batch.image_sizes[0], (60, 90), config, d)
+    with torch.no_grad():
+        got = model.infer([image])[0]
+    assert_same_detections(expected, got, min_detections=10)
+    # The masks as detect() gives them: thresholded at >= 0.5.
+    inclusive = expected["masks"] >= 0.5
+    agree = (model.infer([image], mask_threshold=0.5)[0]["masks"] == inclusive).double().mean()
     assert agree > 0.999
