@@ -4,10 +4,12 @@
 Oracles: plain float64 references of detectron2's behaviour written in this file from the facts in
 shared/research/detectron2.md (ResNet with the stride in the first 1x1 conv and FrozenBN eps 1e-5, FPN,
 RPN head, box and mask heads, all read by detectron2's own parameter names; anchors; resize sizes; the
-level formula; the grid_sample mask paste); PIL's bilinear resize of uint8 images (what detectron2's
-ResizeShortestEdge uses); torchvision.ops.roi_align (what detectron2's ROIAlign calls); and hand-computed
-cases (480 x 640 resized, one cell's anchors, a box at a level boundary, a pasted 2 x 2 mask, the class
-reordering, clipped and dropped boxes, a marker file that a refused pickle would have created).
+level formula; the grid_sample mask paste; and the whole inference from the normalised input on, compared
+at the tolerances of the torchvision tests: boxes 1e-3 px, scores 1e-4, mask IoU 0.99); PIL's bilinear
+resize of uint8 images (what detectron2's ResizeShortestEdge uses); torchvision.ops.roi_align (what
+detectron2's ROIAlign calls); and hand-computed cases (480 x 640 resized, one cell's anchors, a box at a
+level boundary, a pasted 2 x 2 mask, the class reordering, clipped and dropped boxes, a marker file that
+a refused pickle would have created).
 """
 
 import json
@@ -46,7 +48,8 @@ def detectron2_state(config, seed=0) -> dict:
     """{detectron2 name: float32 numpy array} of a random Mask R-CNN R50-FPN in detectron2's layout
     (modeling/backbone/resnet.py, fpn.py, rpn.py, roi_heads/*.py), with the widths of `config`. Weights are
     scaled by 1 / sqrt(fan-in) and the FrozenBN statistics chosen so activations stay near 1; the running
-    variances are small (0.001-0.01) so that eps 1e-5 matters."""
+    variances are small (0.001-0.01) so that eps 1e-5 matters. Box deltas are small, as a trained model's:
+    large random ones make proposals of almost no height, whose pooling float32 and float64 round apart."""
     rng = np.random.default_rng(seed)
     state = {}
 
