@@ -485,11 +485,12 @@ class TrainingBatchSampler(torch.utils.data.Sampler):
 ############################################################
 
 
-def detections_to_coco(output, image_id, label_to_category, mask_threshold):
-    """One image's model output (eval mode) as COCO results: xywh boxes, category ids, RLE masks."""
+def detections_to_coco(output, image_id, label_to_category, mask_threshold, inclusive=False):
+    """One image's model output (eval mode) as COCO results: xywh boxes, category ids, RLE masks (mask
+    probabilities thresholded as utils.threshold_masks with MASK_THRESHOLD_INCLUSIVE)."""
     boxes = output["boxes"].float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
-    masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+    masks = utils.threshold_masks(output["masks"][:, 0], mask_threshold, inclusive).cpu().numpy().astype(np.uint8)
     rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
     results = []
     for box, label, score, rle in zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(), rles):
@@ -740,7 +741,7 @@ def predict(model, dataset, batch_size=8, device="cpu", limit=None, amp=False, p
             outputs = model(images)
         for output, (_, target) in zip(outputs, items):
             results += detections_to_coco(output, target["image_id"], dataset.label_to_category,
-                                          config.MASK_THRESHOLD)
+                                          config.MASK_THRESHOLD, config.MASK_THRESHOLD_INCLUSIVE)
     model.train(was_training)
     if world_size > 1:
         gathered = [None] * world_size

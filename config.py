@@ -74,7 +74,7 @@ RANGES = {
     "FOCAL_ALPHA": FRACTION, "DETECTION_MIN_CONFIDENCE": FRACTION, "DETECTION_NMS_THRESHOLD": FRACTION,
     "DETECTION_MAX_INSTANCES": AT_LEAST_1, "DETECTION_MIN_SIZE": NON_NEGATIVE, "MASK_THRESHOLD": FRACTION,
     "IMAGE_MIN_DIM": AT_LEAST_1, "IMAGE_MAX_DIM": AT_LEAST_1, "IMAGE_MIN_DIM_TRAIN": AT_LEAST_1,
-    "IMAGE_SIZE_DIVISOR": AT_LEAST_1, "PIXEL_MEAN": FRACTION, "PIXEL_STD": POSITIVE, "NUM_CLASSES": Range(2),
+    "IMAGE_SIZE_DIVISOR": AT_LEAST_1, "PIXEL_MEAN": Range(0, 255), "PIXEL_STD": POSITIVE, "NUM_CLASSES": Range(2),
     "CROWD_IGNORE_THRESHOLD": FRACTION, "NUM_WORKERS": NON_NEGATIVE, "BATCH_SIZE": AT_LEAST_1,
     "LEARNING_RATE": NON_NEGATIVE, "LEARNING_MOMENTUM": FRACTION, "WEIGHT_DECAY": NON_NEGATIVE,
     "WARMUP_ITERS": NON_NEGATIVE, "WARMUP_FACTOR": FRACTION, "LR_STEPS": NON_NEGATIVE, "LR_GAMMA": POSITIVE,
@@ -85,7 +85,9 @@ RANGES = {
 # Settings that take one of a few names.
 CHOICES = {
     "VARIANT": ("v1", "v2"), "BACKBONE": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "NORM": ("frozen_bn", "bn", "gn"), "LR_SCHEDULE": ("step", "cosine"),
+    "NORM": ("frozen_bn", "bn", "gn"), "LR_SCHEDULE": ("step", "cosine"), "INPUT_FORMAT": ("RGB", "BGR255"),
+    "RESIZE_ROUNDING": ("floor", "round"), "POOL_LEVEL_FORMULA": ("torchvision", "detectron2"),
+    "MASK_PASTE": ("torchvision", "grid_sample"),
 }
 
 # The type of settings whose default is None (the default says nothing about it).
@@ -213,14 +215,14 @@ STAGE_LAYERS = {"heads": 0, "5+": 1, "4+": 2, "3+": 3, "2+": 4, "all": 5}
 # ones). Every other setting is read afresh where it is used (the schedule's shape at every step, losses,
 # sampling, clipping, periods, detection), so a change applies from the next step on.
 ARCHITECTURE_SETTINGS = (
-    "VARIANT", "BACKBONE", "NORM", "FROZEN_BN_EPS", "FPN_CHANNELS", "ANCHOR_SIZES", "ANCHOR_RATIOS", "RPN_CONVS",
-    "BOX_POOL_SIZE", "MASK_POOL_SIZE", "POOL_SAMPLING_RATIO", "POOL_ALIGNED", "POOL_CANONICAL_SIZE",
-    "POOL_CANONICAL_LEVEL", "BOX_HEAD_CONVS", "BOX_HEAD_DIM", "MASK_HEAD_CONVS", "MASK_HEAD_CHANNELS",
-    "BOX_CODER_WEIGHTS", "NUM_CLASSES", "LABELS_ARE_CATEGORY_IDS",
+    "VARIANT", "BACKBONE", "NORM", "FROZEN_BN_EPS", "STRIDE_IN_1X1", "FPN_CHANNELS", "ANCHOR_SIZES",
+    "ANCHOR_RATIOS", "RPN_CONVS", "BOX_POOL_SIZE", "MASK_POOL_SIZE", "POOL_SAMPLING_RATIO", "POOL_ALIGNED",
+    "POOL_CANONICAL_SIZE", "POOL_CANONICAL_LEVEL", "BOX_HEAD_CONVS", "BOX_HEAD_DIM", "MASK_HEAD_CONVS",
+    "MASK_HEAD_CHANNELS", "BOX_CODER_WEIGHTS", "NUM_CLASSES", "LABELS_ARE_CATEGORY_IDS",
 )  # fmt: skip
 DATA_PIPELINE_SETTINGS = (
     "TRAIN_SPLIT", "BATCH_SIZE", "IMAGE_MIN_DIM", "IMAGE_MAX_DIM", "IMAGE_MIN_DIM_TRAIN", "IMAGE_SIZE_DIVISOR",
-    "PIXEL_MEAN", "PIXEL_STD", "HFLIP", "SEED",
+    "PIXEL_MEAN", "PIXEL_STD", "INPUT_FORMAT", "RESIZE_ROUNDING", "RESIZE_ANTIALIAS", "HFLIP", "SEED",
 )  # fmt: skip
 OPTIMIZER_SETTINGS = ("LEARNING_RATE", "LEARNING_MOMENTUM", "WEIGHT_DECAY")
 
@@ -242,6 +244,9 @@ class Config:
     NORM = "frozen_bn"
     # eps of the frozen BN: torchvision's v1 COCO weights need 0.0; ImageNet weights use 1e-5.
     FROZEN_BN_EPS = 0.0
+    # Where each bottleneck's first block of layer2-4 subsamples: False on the 3x3 conv (torchvision,
+    # "ResNet v1.5"), True on the first 1x1 conv (MSRA's original ResNet, which detectron2's weights need).
+    STRIDE_IN_1X1 = False
     # How many of the backbone's stages train (0-5, from the top: layer4, layer3, layer2, layer1, conv1).
     # torchvision trains 3 when starting from pretrained weights.
     TRAINABLE_BACKBONE_LAYERS = 3
@@ -250,6 +255,11 @@ class Config:
     # ---- Anchors and Region Proposal Network ------------------------------------------------------
     ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one size per level, P2 to P6 (pixels)
     ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # height / width
+    # True: the anchors' corners are rounded to whole pixels (torchvision); False: exact (detectron2).
+    ANCHOR_ROUND = True
+    # The distance between anchors on P2-P6 in pixels, e.g. (4, 8, 16, 32, 64) (detectron2); empty: the
+    # padded image size // the level's size (torchvision), which is 61 rather than 64 on P6 when P5 is odd.
+    ANCHOR_STRIDES = ()
     RPN_CONVS = 1  # 3x3 convs before the RPN's predictors (torchvision v2: 2)
     RPN_PRE_NMS_TOP_N_TRAIN = 2000  # proposals kept per level before NMS
     RPN_PRE_NMS_TOP_N_TEST = 1000
@@ -258,6 +268,13 @@ class Config:
     RPN_NMS_THRESHOLD = 0.7
     RPN_SCORE_THRESHOLD = 0.0  # proposals with a lower objectness probability are dropped
     RPN_MIN_SIZE = 1e-3  # proposals narrower or lower than this (pixels) are dropped
+    # False: proposals at least RPN_MIN_SIZE wide and high are kept (torchvision); True: only those wider
+    # and higher (detectron2's nonempty(), with RPN_MIN_SIZE 0: no empty box).
+    RPN_MIN_SIZE_STRICT = False
+    # NMS of the proposals ranks their objectness probabilities (False, torchvision) or logits (True,
+    # detectron2): the same order, but float32's sigmoid saturates to 1.0 above a logit of about 17, and
+    # tied probabilities can keep other proposals than distinct logits.
+    RPN_NMS_ON_LOGITS = False
     RPN_FG_IOU_THRESHOLD = 0.7  # anchor is positive above this IoU with a ground-truth box
     RPN_BG_IOU_THRESHOLD = 0.3  # and negative below this
     RPN_BATCH_SIZE_PER_IMAGE = 256  # anchors sampled per image for the RPN losses
@@ -280,6 +297,9 @@ class Config:
     POOL_ALIGNED = False
     POOL_CANONICAL_SIZE = 224  # an RoI of this size maps to level 4 (FPN paper, eq. 1)
     POOL_CANONICAL_LEVEL = 4
+    # The level of a box at the boundary between two: "torchvision" floor(4 + log2(sqrt(area) / 224) + 1e-6),
+    # "detectron2" floor(4 + log2(sqrt(area) / 224 + 1e-8)).
+    POOL_LEVEL_FORMULA = "torchvision"
     BOX_HEAD_CONVS = 0  # 3x3 convs of the box head before its fc layer (torchvision v2: 4, with BN)
     BOX_HEAD_DIM = 1024  # width of the box head's fully connected layers
     MASK_HEAD_CONVS = 4  # 3x3 convs of the mask head
@@ -311,6 +331,15 @@ class Config:
     DETECTION_MAX_INSTANCES = 100  # per image
     DETECTION_MIN_SIZE = 1e-2  # boxes narrower or lower than this (pixels) are dropped
     MASK_THRESHOLD = 0.5  # detect() thresholds mask probabilities at this
+    # False: a pixel is in the mask above MASK_THRESHOLD (torchvision); True: at or above it (detectron2).
+    MASK_THRESHOLD_INCLUSIVE = False
+    # How a mask is pasted into the image: "torchvision" (padded by one pixel, box enlarged by (M + 2) / M
+    # and cut to whole pixels, then resized) or "grid_sample" (detectron2: each pixel centre sampled
+    # bilinearly in the exact box, zero outside the mask, no padding).
+    MASK_PASTE = "torchvision"
+    # After the boxes are scaled back to the image's own pixels: clip them to the image and drop those of
+    # zero width or height (detectron2's detector_postprocess; True), or leave them as they are (False).
+    RESCALE_CLIP_AND_DROP_EMPTY = False
 
     # Keep feature maps channels-last (NHWC): faster convolutions on CPU (oneDNN) and on recent GPUs,
     # and our RoIAlign reads NHWC maps directly. Results are the same up to float rounding.
@@ -319,8 +348,17 @@ class Config:
     # ---- Images ---------------------------------------------------------------------------------
     IMAGE_MIN_DIM = 800  # the shorter side is resized to this ...
     IMAGE_MAX_DIM = 1333  # ... unless the longer side would exceed this
+    # The resized sides: "floor" (torchvision, side * scale rounded down) or "round" (detectron2's
+    # ResizeShortestEdge: the shorter side exactly IMAGE_MIN_DIM, the longer scaled, both int(x + 0.5)).
+    RESIZE_ROUNDING = "floor"
+    # Antialiased bilinear resizing when shrinking (detectron2 resizes with PIL, which antialiases); the
+    # same as plain bilinear when enlarging.
+    RESIZE_ANTIALIAS = False
     IMAGE_MIN_DIM_TRAIN = (800,)  # training draws the shorter side from these (multi-scale training)
     IMAGE_SIZE_DIVISOR = 32  # batches are zero-padded to a multiple of this
+    # What the network takes: "RGB" in [0, 1] (torchvision) or "BGR255", the channels reversed and
+    # scaled to [0, 255] (detectron2's and Caffe2's weights). PIXEL_MEAN and PIXEL_STD are in those units.
+    INPUT_FORMAT = "RGB"
     PIXEL_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], ImageNet statistics
     PIXEL_STD = (0.229, 0.224, 0.225)
 
@@ -418,6 +456,13 @@ class Config:
                              f"pooling) of them; got {interpolation!r}")
         if len(self.ANCHOR_SIZES) != 5:
             raise ValueError(f"ANCHOR_SIZES needs one size per level P2-P6 (5); got {self.ANCHOR_SIZES}")
+        if self.ANCHOR_STRIDES and (len(self.ANCHOR_STRIDES) != 5 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.ANCHOR_STRIDES)):
+            raise ValueError(f"ANCHOR_STRIDES must be empty or 5 ints >= 1 (P2-P6); got {self.ANCHOR_STRIDES}")
+        top = 1.0 if self.INPUT_FORMAT == "RGB" else 255.0
+        if any(v > top for v in self.PIXEL_MEAN):
+            raise ValueError(f"PIXEL_MEAN must be in [0, {top:g}] for INPUT_FORMAT={self.INPUT_FORMAT}; got "
+                             f"{self.PIXEL_MEAN}")
         for stage in self.TRAINING_STAGES:
             if (not isinstance(stage, tuple) or len(stage) != 2 or not isinstance(stage[0], int)
                     or stage[1] not in STAGE_LAYERS):
@@ -560,8 +605,78 @@ class CustomConfig(Config):
     LOG_PERIOD = 10
 
 
+class Detectron2R50FPN3xConfig(Config):
+    """detectron2's model zoo Mask R-CNN R50-FPN 3x (41.0 box / 37.2 mask AP on COCO val2017):
+    `python detect.py --config d2_r50_fpn_3x --weights d2_r50_fpn_3x`, or
+    `MaskRCNN(Detectron2R50FPN3xConfig()).load_weights("model_final_f10217.pkl")`.
+
+    Each value is detectron2's, from its configs/Base-RCNN-FPN.yaml, configs/COCO-InstanceSegmentation/
+    mask_rcnn_R_50_FPN_3x.yaml and detectron2/config/defaults.py (paths in detectron2's repository), or
+    from the code that reads them:
+    - Backbone: MODEL.RESNETS.STRIDE_IN_1X1 True (modeling/backbone/resnet.py, BottleneckBlock), NORM
+      "FrozenBN" with eps 1e-5 (layers/batch_norm.py, FrozenBatchNorm2d), FREEZE_AT 2 (stem and res2:
+      the top three stages train).
+    - Input: BGR in [0, 255], MODEL.PIXEL_MEAN (103.530, 116.280, 123.675) and PIXEL_STD (1, 1, 1),
+      normalised in the model (modeling/meta_arch/rcnn.py). INPUT.MIN_SIZE_TEST 800, MAX_SIZE_TEST 1333
+      with ResizeShortestEdge's int(x + 0.5) sides and PIL's antialiased bilinear
+      (data/transforms/augmentation_impl.py, transform.py); MIN_SIZE_TRAIN (640, ..., 800).
+    - Anchors: ANCHOR_GENERATOR.SIZES 32-512, ratios 0.5/1/2, OFFSET 0, not rounded, strides 4-64
+      (modeling/anchor_generator.py).
+    - RPN: PRE_NMS_TOPK_TRAIN/TEST 2000/1000 per level, POST_NMS_TOPK_TRAIN/TEST 1000/1000 per image,
+      NMS 0.7 ranked on logits, MIN_SIZE 0 with nonempty()'s strict > (proposal_generator/proposal_utils.py),
+      SMOOTH_L1_BETA 0.
+    - RoI heads: ROIAlignV2 (aligned) with POOLER_SAMPLING_RATIO 0 (adaptive), 7x7 and 14x14, levels by
+      floor(4 + log2(sqrt(area) / 224 + 1e-8)) (modeling/poolers.py); SCORE_THRESH_TEST 0.05 with no
+      small-box filter, NMS 0.5, 100 detections (roi_heads/fast_rcnn.py); box regression SMOOTH_L1_BETA 0.
+    - Output: boxes scaled back, clipped and emptied ones dropped (modeling/postprocessing.py); masks
+      pasted by grid_sample and thresholded at >= 0.5 (layers/mask_ops.py).
+    - Classes: 80, contiguous in COCO category-id order (data/datasets/builtin_meta.py); the file puts
+      background last, the loader moves it to our index 0 (model.convert_detectron2_state_dict), so
+      labels are 1..80 and coco.py maps them to category ids (LABELS_ARE_CATEGORY_IDS False).
+    - Training (SOLVER): 16 images, lr 0.02, 270k steps, decay at 210k and 250k, warm-up 1000 from 0.001.
+    """
+
+    NAME = "d2_r50_fpn_3x"
+    STRIDE_IN_1X1 = True
+    FROZEN_BN_EPS = 1e-5
+    INPUT_FORMAT = "BGR255"
+    PIXEL_MEAN = (103.530, 116.280, 123.675)
+    PIXEL_STD = (1.0, 1.0, 1.0)
+    RESIZE_ROUNDING = "round"
+    RESIZE_ANTIALIAS = True
+    IMAGE_MIN_DIM_TRAIN = (640, 672, 704, 736, 768, 800)
+    ANCHOR_ROUND = False
+    ANCHOR_STRIDES = (4, 8, 16, 32, 64)
+    RPN_POST_NMS_TOP_N_TRAIN = 1000
+    RPN_MIN_SIZE = 0.0
+    RPN_MIN_SIZE_STRICT = True
+    RPN_NMS_ON_LOGITS = True
+    SMOOTH_L1_BETA = 0.0
+    POOL_ALIGNED = True
+    POOL_SAMPLING_RATIO = 0
+    POOL_LEVEL_FORMULA = "detectron2"
+    DETECTION_MIN_SIZE = 0.0
+    RESCALE_CLIP_AND_DROP_EMPTY = True
+    MASK_PASTE = "grid_sample"
+    MASK_THRESHOLD_INCLUSIVE = True
+    NUM_CLASSES = 1 + 80
+    LABELS_ARE_CATEGORY_IDS = False
+    CLASS_NAMES = tuple(name for name in COCO_CLASS_NAMES if name != "N/A")
+    LR_STEPS = (210000, 250000)
+    MAX_ITERS = 270000
+
+
+class Detectron2R101FPN3xConfig(Detectron2R50FPN3xConfig):
+    """detectron2's model zoo Mask R-CNN R101-FPN 3x (42.9 box / 38.6 mask AP): the R50 preset with
+    MODEL.RESNETS.DEPTH 101 (configs/COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml)."""
+
+    NAME = "d2_r101_fpn_3x"
+    BACKBONE = "resnet101"
+
+
 # The presets that --config names.
-CONFIGS = {"coco": Config, "shapes": ShapesConfig, "custom": CustomConfig}
+CONFIGS = {"coco": Config, "shapes": ShapesConfig, "custom": CustomConfig, "d2_r50_fpn_3x": Detectron2R50FPN3xConfig,
+           "d2_r101_fpn_3x": Detectron2R101FPN3xConfig}
 
 
 def named_config(name: str) -> Config:

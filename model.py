@@ -105,7 +105,7 @@ def conv_norm_relu(in_channels: int, out_channels: int, norm: Optional[str] = No
 
 
 ############################################################
-#  ResNet (torchvision layout: the stride is on the 3x3 conv, "ResNet v1.5")
+#  ResNet (torchvision layout; the stride is on the 3x3 conv, "ResNet v1.5", or on the first 1x1)
 ############################################################
 
 
@@ -130,14 +130,18 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """1x1, 3x3, 1x1 convs. stride_in_1x1: subsample in the first 1x1 conv (MSRA's ResNet, detectron2's
+    STRIDE_IN_1X1) rather than in the 3x3 (torchvision); the weights have the same shapes either way."""
+
     expansion = 4
 
-    def __init__(self, in_channels, width, stride, norm):
+    def __init__(self, in_channels, width, stride, norm, stride_in_1x1=False):
         super().__init__()
         out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride_1x1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride_3x3, 1, bias=False)
         self.bn2 = norm(width)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
@@ -164,11 +168,15 @@ RESNETS = {  # block, blocks per stage
 
 
 class ResNet(nn.Module):
-    """The ResNet trunk without its classifier. Returns C2-C5 (strides 4, 8, 16, 32)."""
+    """The ResNet trunk without its classifier. Returns C2-C5 (strides 4, 8, 16, 32).
+    stride_in_1x1: see Bottleneck (basic blocks have no 1x1 conv to take the stride)."""
 
-    def __init__(self, name: str, norm):
+    def __init__(self, name: str, norm, stride_in_1x1: bool = False):
         super().__init__()
         block, depths = RESNETS[name]
+        if stride_in_1x1 and block is not Bottleneck:
+            raise ValueError(f"STRIDE_IN_1X1 needs a bottleneck ResNet (resnet50, resnet101); got {name}")
+        options = {"stride_in_1x1": True} if stride_in_1x1 else {}
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
@@ -177,7 +185,7 @@ class ResNet(nn.Module):
         for stage, (width, depth) in enumerate(zip((64, 128, 256, 512), depths)):
             blocks = []
             for i in range(depth):
-                blocks.append(block(in_channels, width, 2 if i == 0 and stage > 0 else 1, norm))
+                blocks.append(block(in_channels, width, 2 if i == 0 and stage > 0 else 1, norm, **options))
                 in_channels = width * block.expansion
             setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
         self.out_channels = [width * block.expansion for width in (64, 128, 256, 512)]
@@ -257,7 +265,7 @@ class Backbone(nn.Module):
         def norm(channels):
             return make_norm(config.NORM, channels, eps)
 
-        self.body = ResNet(config.BACKBONE, norm)
+        self.body = ResNet(config.BACKBONE, norm, config.STRIDE_IN_1X1)
         self.body.freeze(config.TRAINABLE_BACKBONE_LAYERS)
         self.fpn = FPN(self.body.out_channels, config.FPN_CHANNELS, "bn" if config.VARIANT == "v2" else None)
 
@@ -291,20 +299,37 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
-def resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
-    """(h, w) of an image resized by resize_scale: each side floor(side * scale), as torchvision (the size
-    F.interpolate(scale_factor=scale, recompute_scale_factor=True) picks), but 1 pixel at least, where an
-    image of extreme aspect ratio (1 x 1000) would otherwise have a side of 0 pixels."""
-    scale = resize_scale(height, width, min_size, max_size)
-    return max(math.floor(float(height) * scale), 1), max(math.floor(float(width) * scale), 1)
+def resized_size(height: int, width: int, min_size: float, max_size: float,
+                 rounding: str = "floor") -> tuple[int, int]:
+    """(h, w) of an image resized by resize_scale, 1 pixel at least (an image of extreme aspect ratio,
+    1 x 1000, would otherwise have a side of 0 pixels). RESIZE_ROUNDING:
+
+    "floor": each side floor(side * scale), as torchvision (the size F.interpolate(scale_factor=scale,
+        recompute_scale_factor=True) picks).
+    "round": detectron2's ResizeShortestEdge: the shorter side is min_size, the longer scaled by
+        min_size / shorter; if the longer exceeds max_size both are scaled by max_size / longer; each is
+        then int(x + 0.5). A 480 x 640 image becomes 800 x 1067 (floor: 800 x 1066).
+    """
+    if rounding == "floor":
+        scale = resize_scale(height, width, min_size, max_size)
+        return max(math.floor(float(height) * scale), 1), max(math.floor(float(width) * scale), 1)
+    if rounding != "round":
+        raise ValueError(f"RESIZE_ROUNDING must be 'floor' or 'round'; got {rounding!r}")
+    scale = min_size / min(height, width)
+    new_h, new_w = (float(min_size), scale * width) if height < width else (scale * height, float(min_size))
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
 
 
 def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None,
                dtype: torch.dtype = torch.float32):
-    """Converts to `dtype` (the model's), normalises with PIXEL_MEAN/STD, resizes (bilinear, as torchvision),
-    pads to IMAGE_SIZE_DIVISOR.
+    """Converts to `dtype` (the model's) and to INPUT_FORMAT (RGB in [0, 1], or BGR in [0, 255]), normalises
+    with PIXEL_MEAN/STD, resizes (bilinear, as torchvision; antialiased with RESIZE_ANTIALIAS), pads to
+    IMAGE_SIZE_DIVISOR.
 
-    Each image is resized to resized_size (floor(side * resize_scale), 1 pixel at least).
+    Each image is resized to resized_size (RESIZE_ROUNDING, 1 pixel at least).
     Targets (training) are resized with their images: boxes scaled per axis, masks by nearest neighbour.
     """
     min_size = config.IMAGE_MIN_DIM if min_size is None else min_size
@@ -314,9 +339,12 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
         scales.append(resize_scale(h, w, min_size, config.IMAGE_MAX_DIM))
-        size = resized_size(h, w, min_size, config.IMAGE_MAX_DIM)
-        image = F.interpolate(((image.to(dtype) - mean) / std)[None], size=size, mode="bilinear",
-                              align_corners=False)[0]
+        size = resized_size(h, w, min_size, config.IMAGE_MAX_DIM, config.RESIZE_ROUNDING)
+        image = image.to(dtype)
+        if config.INPUT_FORMAT == "BGR255":
+            image = image.flip(0) * 255
+        image = F.interpolate(((image - mean) / std)[None], size=size, mode="bilinear", align_corners=False,
+                              antialias=config.RESIZE_ANTIALIAS)[0]
         resized.append(image)
         sizes.append(tuple(image.shape[-2:]))
         if targets is not None:
@@ -347,25 +375,34 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
 ############################################################
 
 
-def cell_anchors(size: float, ratios, dtype, device) -> Tensor:
+def cell_anchors(size: float, ratios, dtype, device, rounded: bool = True) -> Tensor:
     """[A, 4] anchors centred on (0, 0) for one size and every ratio (height / width), corners rounded
-    to integers as torchvision does."""
+    to integers as torchvision does (ANCHOR_ROUND), or exact as detectron2's."""
     ratios = torch.as_tensor(ratios, dtype=dtype, device=device)
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
     ws = w_ratios * size
     hs = h_ratios * size
-    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+    corners = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+    return corners.round() if rounded else corners
+
+
+def anchor_strides(features: list[Tensor], image_size, config: Config) -> list[tuple[int, int]]:
+    """(stride_h, stride_w) in pixels of each level's anchors: ANCHOR_STRIDES where given (detectron2),
+    otherwise the padded image size // the feature size (torchvision)."""
+    if config.ANCHOR_STRIDES:
+        return [(s, s) for s in config.ANCHOR_STRIDES[: len(features)]]
+    return [(image_size[0] // f.shape[-2], image_size[1] // f.shape[-1]) for f in features]
 
 
 def generate_anchors(features: list[Tensor], image_size, config: Config) -> Tensor:
     """[sum over levels of H * W * A, 4] anchors for a padded batch image of `image_size` (h, w), in
-    (level, y, x, anchor) order. Stride = image size // feature size; no half-cell offset (torchvision)."""
+    (level, y, x, anchor) order, at anchor_strides; no half-cell offset (torchvision and detectron2)."""
     anchors = []
-    for feature, size in zip(features, config.ANCHOR_SIZES):
+    strides = anchor_strides(features, image_size, config)
+    for feature, size, (stride_h, stride_w) in zip(features, config.ANCHOR_SIZES, strides):
         grid_h, grid_w = feature.shape[-2:]
-        stride_h, stride_w = image_size[0] // grid_h, image_size[1] // grid_w
-        base = cell_anchors(size, config.ANCHOR_RATIOS, feature.dtype, feature.device)
+        base = cell_anchors(size, config.ANCHOR_RATIOS, feature.dtype, feature.device, config.ANCHOR_ROUND)
         shift_x = torch.arange(0, grid_w, dtype=torch.int32, device=feature.device) * stride_w
         shift_y = torch.arange(0, grid_h, dtype=torch.int32, device=feature.device) * stride_h
         shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
@@ -448,9 +485,13 @@ def clip_boxes(boxes: Tensor, size) -> Tensor:
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
-def large_enough(boxes: Tensor, min_size: float) -> Tensor:
-    """Mask of boxes at least min_size wide and high."""
-    return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+def large_enough(boxes: Tensor, min_size: float, strict: bool = False) -> Tensor:
+    """Mask of boxes at least min_size wide and high, or with `strict` wider and higher than min_size
+    (detectron2's Boxes.nonempty: strict with 0 keeps the boxes of positive width and height)."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    if strict:
+        return (widths > min_size) & (heights > min_size)
+    return (widths >= min_size) & (heights >= min_size)
 
 
 class Matcher:
@@ -676,10 +717,12 @@ class RPN(nn.Module):
             idx = top[i]
             boxes = decode_boxes(deltas[i, idx], anchors[idx], RPN_BOX_WEIGHTS)[:, 0]
             boxes = clip_boxes(boxes, size)
-            scores = torch.sigmoid(objectness[i, idx].float())
-            keep = large_enough(boxes, c.RPN_MIN_SIZE) & (scores >= c.RPN_SCORE_THRESHOLD)
+            logits = objectness[i, idx].float()
+            scores = torch.sigmoid(logits)
+            keep = large_enough(boxes, c.RPN_MIN_SIZE, c.RPN_MIN_SIZE_STRICT) & (scores >= c.RPN_SCORE_THRESHOLD)
             boxes, scores, level = boxes[keep], scores[keep], levels[keep]
-            keep = batched_nms(boxes, scores, level, c.RPN_NMS_THRESHOLD)[:post_nms]
+            ranking = logits[keep] if c.RPN_NMS_ON_LOGITS else scores
+            keep = batched_nms(boxes, ranking, level, c.RPN_NMS_THRESHOLD)[:post_nms]
             proposals.append(Proposals(boxes[keep], scores[keep], boxes, scores, level))
         return proposals
 
@@ -699,9 +742,24 @@ def pool_interpolations(setting) -> tuple[str, str]:
                      f"them; got {setting!r}")
 
 
+def pyramid_levels(boxes: Tensor, canonical_size: float, canonical_level: int, formula: str) -> Tensor:
+    """[N] FPN levels (float, not clamped) of boxes [N, 4] (FPN paper, eq. 1), with POOL_LEVEL_FORMULA's
+    epsilon, which decides boxes at a boundary between two levels:
+    "torchvision" (LevelMapper): floor(level + log2(sqrt(area) / size) + 1e-6);
+    "detectron2" (poolers.py, assign_boxes_to_levels): floor(level + log2(sqrt(area) / size + 1e-8))."""
+    relative = torch.sqrt(utils.box_area(boxes)) / canonical_size
+    if formula == "detectron2":
+        return torch.floor(canonical_level + torch.log2(relative + 1e-8))
+    if formula != "torchvision":
+        raise ValueError(f"POOL_LEVEL_FORMULA must be 'torchvision' or 'detectron2'; got {formula!r}")
+    eps = torch.tensor(1e-6, dtype=relative.dtype, device=relative.device)
+    return torch.floor(canonical_level + torch.log2(relative) + eps)
+
+
 class PyramidRoIAlign(nn.Module):
     """RoIAlign on the FPN level that suits each box's size (FPN paper, eq. 1):
-    level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5. `interpolation`: "bilinear" or "bicubic"."""
+    level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5, with POOL_LEVEL_FORMULA's epsilon.
+    `interpolation`: "bilinear" or "bicubic"."""
 
     def __init__(self, output_size: int, config: Config, interpolation: str = "bilinear"):
         super().__init__()
@@ -711,6 +769,7 @@ class PyramidRoIAlign(nn.Module):
         self.aligned = config.POOL_ALIGNED
         self.canonical_size = config.POOL_CANONICAL_SIZE
         self.canonical_level = config.POOL_CANONICAL_LEVEL
+        self.level_formula = config.POOL_LEVEL_FORMULA
 
     def forward(self, features: list[Tensor], boxes: list[Tensor], image_sizes) -> Tensor:
         """features: P2-P5; boxes: [[Ki, 4]] per image -> [sum Ki, C, S, S]."""
@@ -719,9 +778,7 @@ class PyramidRoIAlign(nn.Module):
         scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
         first, last = -math.log2(scales[0]), -math.log2(scales[-1])
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
-        eps = torch.tensor(1e-6, dtype=area.dtype, device=area.device)
-        levels = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_size) + eps)
+        levels = pyramid_levels(rois[:, 1:], self.canonical_size, self.canonical_level, self.level_formula)
         levels = (levels.clamp(first, last) - first).to(torch.int64)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
         for level, (feature, scale) in enumerate(zip(features, scales)):
@@ -1058,14 +1115,17 @@ PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of full-size proba
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] = None,
-                chunk_bytes: int = PASTE_CHUNK_BYTES) -> Tensor:
+                chunk_bytes: int = PASTE_CHUNK_BYTES, mode: str = "torchvision", inclusive: bool = False) -> Tensor:
     """Pastes [N, 1, M, M] mask probabilities at `boxes` [N, 4] (x1, y1, x2, y2) into [N, 1, H, W] images
-    (size = (H, W)): probabilities in masks.dtype, or with `threshold` bool masks (probability > threshold).
+    (size = (H, W)): probabilities in masks.dtype, or with `threshold` bool masks (probability > threshold,
+    or >= with `inclusive`: MASK_THRESHOLD_INCLUSIVE).
 
-    As torchvision: the masks are padded by one pixel and the boxes enlarged by (M + 2) / M and cut to
-    integers; each mask is resized bilinearly (align_corners=False) to its box's integer size. The
-    resize is separable, so it is written as two batched matrix products with the interpolation
-    weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M + 2] and Wx [N, W, M + 2].
+    mode (MASK_PASTE) "torchvision": the masks are padded by one pixel and the boxes enlarged by (M + 2) / M
+    and cut to integers; each mask is resized bilinearly (align_corners=False) to its box's integer size.
+    "grid_sample" (detectron2's paste_masks_in_image): each pixel centre is sampled bilinearly in the mask
+    spread over the exact float box (F.grid_sample, align_corners=False, zero outside the mask).
+    Both resizes are separable, so they are written as two batched matrix products with the interpolation
+    weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M'] and Wx [N, W, M'] (M' = M + 2 or M).
     The products run a chunk of masks at a time, chunk_bytes of probabilities at most (one mask at least),
     and a threshold applies to each chunk as it is made: on a 20 MP photo, 80 bool masks take 1.6 GB where
     their float32 probabilities would take 6.4 GB. The chunks are the same with or without a threshold, so
@@ -1076,23 +1136,52 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
                       device=masks.device)
     if n == 0:
         return out
-    m = masks.shape[-1]
-    padded = F.pad(masks[:, 0], (1, 1, 1, 1))
-    scale = (m + 2) / m
-    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
-    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
-    ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
+    if mode == "grid_sample":
+        source, box, weights = masks[:, 0], boxes.float(), grid_sample_weights
+    elif mode == "torchvision":
+        m = masks.shape[-1]
+        source = F.pad(masks[:, 0], (1, 1, 1, 1))
+        scale = (m + 2) / m
+        half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+        half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+        ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+        ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+        box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
+        weights = interpolation_weights
+    else:
+        raise ValueError(f"MASK_PASTE must be 'torchvision' or 'grid_sample'; got {mode!r}")
+    k = source.shape[-1]
     per_chunk = max(1, chunk_bytes // (height * width * masks.element_size()))
     for start in range(0, n, per_chunk):
         chunk = slice(start, start + per_chunk)
-        wy = interpolation_weights(box[chunk, 1], box[chunk, 3], height, m + 2, masks.dtype)
-        wx = interpolation_weights(box[chunk, 0], box[chunk, 2], width, m + 2, masks.dtype)
+        wy = weights(box[chunk, 1], box[chunk, 3], height, k, masks.dtype)
+        wx = weights(box[chunk, 0], box[chunk, 2], width, k, masks.dtype)
         with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
-            pasted = torch.bmm(torch.bmm(wy, padded[chunk]), wx.transpose(1, 2))  # (chunk, H, W)
-        out[chunk, 0] = pasted if threshold is None else pasted > threshold
+            pasted = torch.bmm(torch.bmm(wy, source[chunk]), wx.transpose(1, 2))  # (chunk, H, W)
+        out[chunk, 0] = pasted if threshold is None else utils.threshold_masks(pasted, threshold, inclusive)
     return out
+
+
+def grid_sample_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
+    """[N, length, source] weights of F.grid_sample (bilinear, align_corners=False, zero padding) reading
+    `source` samples spread over [start, end] (float pixel edges) at the pixel centres 0.5 .. length - 0.5
+    of an axis; computed in float32 in grid_sample's steps (normalise to [-1, 1], then back to the
+    source's index) so the weights round as detectron2's paste does. A box of zero size gets no weights."""
+    centre = torch.arange(length, device=start.device, dtype=torch.float32)[None, :] + 0.5
+    start, end = start.float()[:, None], end.float()[:, None]
+    grid = (centre - start) / (end - start) * 2 - 1  # (N, length)
+    src = ((grid + 1) * source - 1) / 2
+    valid = torch.isfinite(src)
+    src = torch.where(valid, src, torch.full_like(src, -2.0))  # -2: both neighbours outside, weight 0
+    low = src.floor()
+    high = low + 1
+    weights = torch.zeros(start.shape[0], length, source + 2, dtype=dtype, device=start.device)
+    # Indices shifted by one into a row with a slot on each side for neighbours outside the mask (zero
+    # padding), which are then cut off.
+    for index, weight in ((low, high - src), (high, src - low)):
+        slot = (index.clamp(-1, source) + 1).to(torch.int64)
+        weights.scatter_add_(2, slot[..., None], weight.to(dtype)[..., None])
+    return weights[..., 1:-1]
 
 
 def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
@@ -1211,10 +1300,16 @@ class MaskRCNN(nn.Module):
             ratio = to_original_pixels(size, original, result["boxes"].device)
             proposal_index = result.pop("proposal_index")
             result["boxes"] = result["boxes"] * ratio.to(result["boxes"].dtype)
+            if c.RESCALE_CLIP_AND_DROP_EMPTY:  # detectron2's detector_postprocess
+                result["boxes"] = clip_boxes(result["boxes"], original)
+                keep = large_enough(result["boxes"], 0.0, strict=True)
+                for key in ("boxes", "scores", "labels", "masks"):
+                    result[key] = result[key][keep]
+                proposal_index = proposal_index[keep]
             if return_intermediates:
                 result["intermediates"] = {
                     "anchors": [a * ratio.to(a.dtype) for a in rpn.anchors.split(rpn.anchors_per_level)],
-                    "anchor_strides": [batch.tensor.shape[-1] // f.shape[-1] for f in features],
+                    "anchor_strides": [w for _, w in anchor_strides(features, batch.tensor.shape[-2:], c)],
                     "anchor_sizes": list(c.ANCHOR_SIZES[: len(features)]),
                     "proposals_before_nms": proposals.boxes_before_nms * ratio,
                     "proposal_scores_before_nms": proposals.scores_before_nms,
@@ -1225,7 +1320,8 @@ class MaskRCNN(nn.Module):
                     "mask_probs": result["masks"][:, 0],
                     "resize_scale": (size[0] / original[0], size[1] / original[1]),
                 }
-            result["masks"] = paste_masks(result["masks"], result["boxes"], original, mask_threshold)
+            result["masks"] = paste_masks(result["masks"], result["boxes"], original, mask_threshold,
+                                          mode=c.MASK_PASTE, inclusive=c.MASK_THRESHOLD_INCLUSIVE)
         return results
 
     def as_tensors(self, images) -> list[Tensor]:
@@ -1334,9 +1430,11 @@ class MaskRCNN(nn.Module):
         return results
 
     def load_weights(self, source, exclude=(), strict=True):
-        """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling) or an ImageNet
-        ResNet (backbone only). `source` is a path, a state_dict, or "coco", "coco_v2", "imagenet" for
-        torchvision's published files; files are loaded with weights_only=True (utils.load_file).
+        """Loads our checkpoint, torchvision's Mask R-CNN checkpoint (either key spelling), detectron2's (a
+        model-zoo .pkl or a .pth; names and class rows converted by convert_detectron2_state_dict, for the
+        d2_* presets) or an ImageNet ResNet (backbone only). `source` is a path, a state_dict, or "coco",
+        "coco_v2", "imagenet", "d2_r50_fpn_3x", "d2_r101_fpn_3x" for the published files; files are loaded
+        with weights_only=True or, for .pkl, a restricted unpickler (utils.load_file).
         `exclude`: key prefixes or regexes to skip; "heads" means the class-specific layers (to fine-tune
         on other classes). Keys whose shapes differ are skipped and logged (e.g. a head for another
         number of classes).
@@ -1441,10 +1539,13 @@ def key_list(keys, shown=5) -> str:
 
 def convert_state_dict(state: dict) -> dict:
     """Our key spelling from any accepted checkpoint: our own (possibly under "model" and DDP's
-    "module."), torchvision's current and legacy Mask R-CNN keys, or a bare ImageNet ResNet."""
+    "module."), torchvision's current and legacy Mask R-CNN keys, detectron2's (convert_detectron2_state_dict),
+    or a bare ImageNet ResNet."""
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+    if any(k.startswith("backbone.bottom_up.") for k in state):
+        return convert_detectron2_state_dict(state)
     if "conv1.weight" in state and not any(k.startswith("backbone.") for k in state):
         # An ImageNet classifier: its trunk is our backbone.body; the fc classifier is dropped.
         return OrderedDict(("backbone.body." + k, v) for k, v in state.items() if not k.startswith("fc."))
@@ -1457,6 +1558,61 @@ def convert_state_dict(state: dict) -> dict:
     for key, value in state.items():
         for pattern, replacement in legacy:
             key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+# detectron2's parameter names -> ours (the same layers: see the README's section on detectron2's model zoo).
+DETECTRON2_KEYS = [
+    (r"^backbone\.bottom_up\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
+    (r"^backbone\.bottom_up\.stem\.conv1\.norm\.", "backbone.body.bn1."),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight$",
+     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.",
+     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}."),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight$",
+     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.",
+     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.1."),
+    (r"^backbone\.fpn_lateral(\d)\.", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.0."),
+    (r"^backbone\.fpn_output(\d)\.", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.0."),
+    (r"^proposal_generator\.rpn_head\.conv\.", "rpn.head.conv.0.0."),
+    (r"^proposal_generator\.rpn_head\.objectness_logits\.", "rpn.head.cls_logits."),
+    (r"^proposal_generator\.rpn_head\.anchor_deltas\.", "rpn.head.bbox_pred."),
+    (r"^roi_heads\.box_head\.fc(\d)\.", lambda m: f"roi_heads.box_head.fc{int(m[1]) + 5}."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d)\.", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0."),
+    (r"^roi_heads\.mask_head\.deconv\.", "roi_heads.mask_predictor.conv5_mask."),
+    (r"^roi_heads\.mask_head\.predictor\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+]
+# What detectron2 keeps beside the weights: the input statistics (our PIXEL_MEAN and PIXEL_STD) and the
+# anchors of older files (computed, ANCHOR_SIZES); its own loader drops them too (detection_checkpoint.py).
+DETECTRON2_IGNORED = re.compile(r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\..*)$")
+
+
+def convert_detectron2_state_dict(state: dict) -> dict:
+    """Our keys and class layout from a detectron2 Mask R-CNN state dict (numpy arrays from a model-zoo
+    .pkl, or tensors from a .pth), names mapped by DETECTRON2_KEYS.
+
+    detectron2's K foreground classes are 0..K-1 with background last (index K) in cls_score [K + 1, D];
+    bbox_pred [4K, D] and the mask predictor [K, C, 1, 1] have no background rows. Ours put background
+    at 0 (NUM_CLASSES = K + 1), so cls_score's rows become [K, 0, ..., K - 1] (the same softmax, read in
+    another order) and the other two get zero rows for background in front (never read: the box and mask
+    of a detection are those of its own class).
+    """
+    converted = OrderedDict()
+    for key, value in state.items():
+        if DETECTRON2_IGNORED.match(key):
+            continue
+        value = torch.as_tensor(np.array(value)) if isinstance(value, np.ndarray) else value
+        for pattern, replacement in DETECTRON2_KEYS:
+            key, found = re.subn(pattern, replacement, key)
+            if found:
+                break
+        if key.startswith("roi_heads.box_predictor.cls_score."):
+            value = torch.cat([value[-1:], value[:-1]])  # background: last -> first
+        elif key.startswith(("roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")):
+            rows = 4 if "bbox_pred" in key else 1
+            value = torch.cat([value.new_zeros((rows, *value.shape[1:])), value])
         converted[key] = value
     return converted
 

@@ -1,5 +1,7 @@
 """Helpers that are not layers of the network: IoU, images, masks (RLE and polygons), weight files."""
 
+import codecs
+import collections
 import errno
 import json
 import math
@@ -23,6 +25,11 @@ WEIGHT_URLS = {
     "imagenet:resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "imagenet:resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "imagenet:resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    # detectron2's model zoo (detectron2/model_zoo/model_zoo.py), for the d2_* presets of config.py.
+    "d2_r50_fpn_3x": "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/"
+                     "137849600/model_final_f10217.pkl",
+    "d2_r101_fpn_3x": "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x/"
+                      "138205316/model_final_a3ec72.pkl",
 }
 
 
@@ -122,6 +129,13 @@ def image_to_tensor(image: np.ndarray) -> Tensor:
 ############################################################
 #  Masks: RLE and polygons (COCO formats, via pycocotools)
 ############################################################
+
+
+def threshold_masks(probabilities: Tensor, threshold: float, inclusive: bool = False) -> Tensor:
+    """bool masks of the pixels whose probability is above `threshold`, or at or above it with `inclusive`
+    (MASK_THRESHOLD_INCLUSIVE: detectron2's >= 0.5); any shape."""
+    return probabilities >= threshold if inclusive else probabilities > threshold
+
 
 # pycocotools rasterises a polygon edge by edge with no bound on its length and decodes RLE runs
 # without checking them against the mask's size, so a far-away, NaN or infinite coordinate takes
@@ -277,13 +291,20 @@ def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
 
 def load_state_dict(source, backbone: str = "resnet50") -> dict:
     """A state dict (or a checkpoint dict) from a dict, a file (load_file), or a name in WEIGHT_URLS
-    ("imagenet" means the config's backbone), downloaded to the torch hub cache when there is a network."""
+    ("imagenet" means the config's backbone), downloaded to the torch hub cache when there is a network
+    (a file already there under the URL's file name is used without one)."""
     if isinstance(source, dict):
         return source
     source = str(source)
     name = f"imagenet:{backbone}" if source == "imagenet" else source
     if name in WEIGHT_URLS:
         try:
+            if WEIGHT_URLS[name].endswith(".pkl"):  # torch.hub would torch.load it
+                path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHT_URLS[name]))
+                if not os.path.exists(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    torch.hub.download_url_to_file(WEIGHT_URLS[name], path, progress=False)
+                return load_file(path)
             return torch.hub.load_state_dict_from_url(WEIGHT_URLS[name], map_location="cpu", progress=False,
                                                       weights_only=True)
         except (urllib.error.URLError, OSError) as error:
@@ -304,11 +325,65 @@ class UnreadableFileError(ValueError):
     Python objects that weights_only loading refuses."""
 
 
+def pickle_globals() -> dict:
+    """(module, name) -> object: what a detectron2 model-zoo pickle may hold besides plain containers and
+    numbers: numpy arrays, their dtypes and scalars (under numpy 1's and numpy 2's module names), the
+    str -> bytes step of Python 3's protocol-2 pickles of bytes, and OrderedDict. Everything else
+    (os.system, a class with __reduce__) is refused by RestrictedUnpickler before it is looked up."""
+    # The functions themselves, wherever this numpy keeps them, under either name.
+    reconstruct = np.zeros(1).__reduce__()[0]  # protocols 0-4
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5
+    scalar = np.float32(0).__reduce__()[0]
+    return {
+        **{(module, "_reconstruct"): reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(module, "_frombuffer"): frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+        **{(module, "scalar"): scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only plain containers, numbers, strings, numpy arrays and OrderedDicts:
+    find_class answers from pickle_globals() and refuses every other global, so nothing in the file runs."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")  # detectron2's files were pickled by Python 2
+        self.path = path
+        self.allowed = pickle_globals()
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise UnreadableFileError(
+                f"{self.path} holds the Python global {module}.{name}, which a weight file does not need: it is not "
+                "loaded (pickles are read with a restricted unpickler that builds numpy arrays and plain types "
+                "only, so loading never runs code from the file)")
+        return self.allowed[(module, name)]
+
+
+def load_pickle(path) -> dict:
+    """A detectron2 .pkl weight file ({"model": {name: numpy array}, "__author__": ...}) read with
+    RestrictedUnpickler; a file cut short or corrupt raises UnreadableFileError naming it."""
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, path).load()
+        except UnreadableFileError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise UnreadableFileError(f"{path} is incomplete or corrupt ({os.path.getsize(path):,} bytes; "
+                                      f"unpickling: {str(error)[:200] or type(error).__name__})") from error
+
+
 def load_file(path) -> dict:
     """torch.load of a weight or checkpoint file with weights_only=True (tensors and plain Python types
-    only: loading never runs code stored in the file). A file cut short (a crash or a full disk while
+    only: loading never runs code stored in the file); a .pkl file (detectron2's model zoo) with
+    load_pickle, which is as restrictive. A file cut short (a crash or a full disk while
     it was copied) or otherwise corrupt, or one holding other objects, raises UnreadableFileError
     naming the file and which of the two it is."""
+    if str(path).endswith(".pkl"):
+        return load_pickle(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:

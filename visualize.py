@@ -689,7 +689,7 @@ def anchor_coverage(samples, config) -> dict:
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         for min_size in config.IMAGE_MIN_DIM_TRAIN:
-            size = model.resized_size(height, width, min_size, config.IMAGE_MAX_DIM)
+            size = model.resized_size(height, width, min_size, config.IMAGE_MAX_DIM, config.RESIZE_ROUNDING)
             if size not in cache:
                 cache[size] = model.anchors_for_input(*size, config)
             anchors, levels = cache[size]
