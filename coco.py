@@ -1258,7 +1258,8 @@ def main(argv=None):
                                                  "Boundary AP) with pycocotools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a model on a split of a COCO-format data set")
-    ev.add_argument("--config", default="coco", help="preset: coco or shapes (a checkpoint's own config wins)")
+    ev.add_argument("--config", default="coco", help="preset: coco, shapes, custom, d2_r50_fpn_3x or d2_r101_fpn_3x (a "
+                    "checkpoint's own config wins)")
     ev.add_argument("--data", help="data root (annotations/ and the image folders); default: "
                     f"{shapes.DEFAULT_ROOT} for shapes")
     ev.add_argument("--weights", help="checkpoint path, or coco / coco_v2 (torchvision's)")

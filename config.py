@@ -367,6 +367,9 @@ class Config:
     # True when labels are the data set's category ids (torchvision's COCO weights); False when they
     # are contiguous 1..K and the data set keeps the map to its category ids.
     LABELS_ARE_CATEGORY_IDS = True
+    # With LABELS_ARE_CATEGORY_IDS False: the category id of labels 1..K-1 when no data set gives the map
+    # (detect.py's COCO JSON without --data); empty: the label itself.
+    CATEGORY_IDS = ()
     CLASS_NAMES = COCO_CLASS_NAMES
     # Take NUM_CLASSES and CLASS_NAMES from the training data set's categories when training starts (the
     # custom preset): one's own data then needs no class count written by hand.
@@ -662,6 +665,7 @@ class Detectron2R50FPN3xConfig(Config):
     NUM_CLASSES = 1 + 80
     LABELS_ARE_CATEGORY_IDS = False
     CLASS_NAMES = tuple(name for name in COCO_CLASS_NAMES if name != "N/A")
+    CATEGORY_IDS = tuple(i for i, name in enumerate(COCO_CLASS_NAMES) if i and name != "N/A")  # 1, 2, ..., 90
     LR_STEPS = (210000, 250000)
     MAX_ITERS = 270000
 

@@ -504,7 +504,8 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True,
                         help="an image, a video, a folder, or a glob pattern in quotes ('photos/*.jpg')")
     parser.add_argument("--out", required=True, help="folder for the pictures, videos and JSON files")
-    parser.add_argument("--config", default="coco", help="preset for weights without a config (coco, shapes)")
+    parser.add_argument("--config", default="coco", help="preset for weights without a config (coco, shapes, "
+                        "custom, d2_r50_fpn_3x, d2_r101_fpn_3x)")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="keep detections scoring at least this (0 keeps all the model reports, for COCOeval)")
     parser.add_argument("--batch", type=int, default=1, help="images (or tiles, or frames) per forward pass")
@@ -546,6 +547,8 @@ def main(argv=None):
     stills = [i for i, p in enumerate(paths) if not is_video(p)]
     videos = [i for i, p in enumerate(paths) if is_video(p)]
     label_to_category, sizes, image_ids = None, None, list(range(1, len(stills) + 1))  # frames numbered after
+    if not config.LABELS_ARE_CATEGORY_IDS and len(config.CATEGORY_IDS) == config.NUM_CLASSES - 1 > 0:
+        label_to_category = dict(enumerate(config.CATEGORY_IDS, start=1))
     if args.data:
         if videos:
             raise SystemExit("--data: videos have no image ids in an annotation file; run them without --data")

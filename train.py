@@ -151,8 +151,9 @@ class Run:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Mask R-CNN (one process, or many under torchrun).")
-    parser.add_argument("--config", help="preset: shapes (synthetic, the default), coco, or custom (one's own "
-                        "data: classes from the data set, a fine-tuning schedule); with --resume the "
+    parser.add_argument("--config", help="preset: shapes (synthetic, the default), coco, custom (one's own "
+                        "data: classes from the data set, a fine-tuning schedule), d2_r50_fpn_3x or d2_r101_fpn_3x "
+                        "(detectron2's); with --resume the "
                         "checkpoint's settings are used instead")
     parser.add_argument("--data", help="data root with annotations/ and the image folders (default: "
                         f"{shapes.DEFAULT_ROOT} for shapes, written there if missing)")

@@ -27,6 +27,7 @@ from helpers_model import assert_same_detections, smooth_image
 from PIL import Image
 
 import coco
+import detect
 import model as model_module
 import utils
 from config import COCO_CLASS_NAMES, CONFIGS, Config, Detectron2R50FPN3xConfig, named_config
@@ -696,3 +697,18 @@ def test_inference_follows_the_detectron2_reference(d2):
     inclusive = expected["masks"] >= 0.5
     agree = (model.infer([image], mask_threshold=0.5)[0]["masks"] == inclusive).double().mean()
     assert agree > 0.999
+
+
+def test_category_ids_of_the_80_classes_are_cocos():
+    """detect.py writes COCO results without a data set from CATEGORY_IDS: COCO's ids skip the 11 unused
+    ones (12 is unused, so the 12th class, stop sign, is category 13; the 80th, toothbrush, is 90)."""
+    config = Detectron2R50FPN3xConfig()
+    ids = dict(enumerate(config.CATEGORY_IDS, start=1))
+    assert len(ids) == 80
+    assert (ids[1], ids[11], ids[12], ids[80]) == (1, 11, 13, 90)
+    assert (config.CLASS_NAMES[12], config.CLASS_NAMES[80]) == ("stop sign", "toothbrush")
+    result = {"boxes": np.array([[1.0, 2.0, 5.0, 8.0]], np.float32), "class_ids": np.array([12]),
+              "scores": np.array([0.9], np.float32), "mask_crops": [np.ones((6, 4), bool)],
+              "mask_origins": np.array([[2, 1]])}
+    entry = detect.coco_results(result, 7, 10, 10, ids)[0]
+    assert entry["category_id"] == 13 and entry["image_id"] == 7
