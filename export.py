@@ -191,11 +191,13 @@ def onnx_translations() -> dict:
     return {ops.nms.default: nms, ops.batched_nms.default: batched_nms, ops.roi_align.default: roi_align}
 
 
-def export_onnx(model: MaskRCNN, path: str, example: Optional[Tensor] = None) -> None:
+def export_onnx(model: MaskRCNN, path: str, example: Optional[Tensor] = None,
+                program: Optional[torch.export.ExportedProgram] = None) -> None:
     """Writes DetectionProgram(model) as an ONNX file (opset ONNX_OPSET, dynamic image size; inputs "image",
-    outputs OUTPUT_NAMES). model: a MaskRCNN in eval mode, float32, with bilinear pooling."""
+    outputs OUTPUT_NAMES). model: a MaskRCNN in eval mode, float32, with bilinear pooling. program: what
+    export_program(model) returned, when there is one already (it is what gets converted)."""
     check_exportable(model, "onnx")
-    program = export_program(model, example=example)
+    program = export_program(model, example=example) if program is None else program
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET,
                                      custom_translation_table=onnx_translations(), input_names=["image"],
                                      output_names=list(OUTPUT_NAMES), optimize=True, verbose=False)
