@@ -54,7 +54,7 @@ def check_demo(path: str, folder: str, shapes_folder: str) -> None:
     images = export.photos()
     shapes = sorted(glob.glob(os.path.join(shapes_folder, "*.png")))[:5]
     for file in shapes:
-        array = torch.from_numpy(np.asarray(Image.open(file).convert("RGB")))
+        array = torch.from_numpy(np.array(Image.open(file).convert("RGB")))
         images[os.path.basename(file)] = array.permute(2, 0, 1).float() / 255
     if not shapes:
         print(f"  (no images in {shapes_folder}: photos only)")
