@@ -150,6 +150,7 @@ def onnx_translations() -> dict:
     def grouped_nms(boxes, scores, groups, iou_threshold):
         """NonMaxSuppression with one class per group: boxes [N, 4], scores [N], groups [N] int64 in 0..G-1."""
         count = op.Shape(boxes, start=0, end=1)
+        # The largest group + 1, with a -1 appended so that no boxes give 0 groups (ReduceMax of nothing fails).
         group_count = op.Add(op.ReduceMax(op.Concat(groups, op.Constant(value_ints=[-1]), axis=0), keepdims=1),
                              op.Constant(value_ints=[1]))
         member = op.Equal(op.Unsqueeze(groups, [0]),
@@ -166,8 +167,8 @@ def onnx_translations() -> dict:
         return selected_by_score(keep, scores)
 
     def nms(boxes, scores, iou_threshold: float):
-        groups = op.Cast(op.Mul(op.Shape(boxes, start=0, end=1), op.Constant(value_ints=[0])), to=7)
-        return grouped_nms(boxes, scores, op.Expand(groups, op.Shape(scores)), iou_threshold)
+        one_group = op.Expand(op.Constant(value_ints=[0]), op.Shape(scores))
+        return grouped_nms(boxes, scores, one_group, iou_threshold)
 
     def batched_nms(boxes, scores, idxs, iou_threshold: float):
         # Groups renumbered 0..G-1 (Unique's inverse), so that G is their number, not their largest id.
