@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 import utils
 from config import Config
@@ -295,8 +296,9 @@ class ImageBatch:
 
 
 def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
-    """Scale that brings the shorter side to min_size unless the longer would exceed max_size."""
-    return min(min_size / min(height, width), max_size / max(height, width))
+    """Scale that brings the shorter side to min_size unless the longer would exceed max_size.
+    (torch.sym_min/max are min/max that keep symbolic sizes symbolic while torch.export traces.)"""
+    return torch.sym_min(min_size / torch.sym_min(height, width), max_size / torch.sym_max(height, width))
 
 
 def resized_size(height: int, width: int, min_size: float, max_size: float,
@@ -312,7 +314,9 @@ def resized_size(height: int, width: int, min_size: float, max_size: float,
     """
     if rounding == "floor":
         scale = resize_scale(height, width, min_size, max_size)
-        return max(math.floor(float(height) * scale), 1), max(math.floor(float(width) * scale), 1)
+        # sym_int truncates, the floor of these positive sizes, in a form torch.export can also save.
+        return (torch.sym_max(torch.sym_int(torch.sym_float(height) * scale), 1),
+                torch.sym_max(torch.sym_int(torch.sym_float(width) * scale), 1))
     if rounding != "round":
         raise ValueError(f"RESIZE_ROUNDING must be 'floor' or 'round'; got {rounding!r}")
     scale = min_size / min(height, width)
@@ -359,13 +363,10 @@ def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Opt
                 target["masks"] = F.interpolate(masks[:, None].float(), size=image.shape[-2:])[:, 0].byte()
             new_targets.append(target)
     divisor = config.IMAGE_SIZE_DIVISOR
-    height = int(math.ceil(max(s[0] for s in sizes) / divisor) * divisor)
-    width = int(math.ceil(max(s[1] for s in sizes) / divisor) * divisor)
-    batch = resized[0].new_zeros((len(images), 3, height, width))
-    for i, image in enumerate(resized):
-        # One indexing view per image (not iteration over `batch`): autograd can then follow the copy, so
-        # gradients reach images that require them.
-        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
+    # Rounded up with integer division, which keeps the sizes symbolic while torch.export traces.
+    height = (max(s[0] for s in sizes) + divisor - 1) // divisor * divisor
+    width = (max(s[1] for s in sizes) + divisor - 1) // divisor * divisor
+    batch = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1])) for image in resized])
     originals = [tuple(image.shape[-2:]) for image in images]
     return ImageBatch(batch, sizes, originals, scales), (new_targets if targets is not None else None)
 
@@ -403,10 +404,10 @@ def generate_anchors(features: list[Tensor], image_size, config: Config) -> Tens
     for feature, size, (stride_h, stride_w) in zip(features, config.ANCHOR_SIZES, strides):
         grid_h, grid_w = feature.shape[-2:]
         base = cell_anchors(size, config.ANCHOR_RATIOS, feature.dtype, feature.device, config.ANCHOR_ROUND)
-        shift_x = torch.arange(0, grid_w, dtype=torch.int32, device=feature.device) * stride_w
-        shift_y = torch.arange(0, grid_h, dtype=torch.int32, device=feature.device) * stride_h
-        shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
-        shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+        # Cells in (y, x) order from one arange (no meshgrid, whose broadcasting torch.export would fix to
+        # the example's grid size).
+        cell = torch.arange(grid_h * grid_w, dtype=torch.int32, device=feature.device)
+        shift_x, shift_y = cell % grid_w * stride_w, cell // grid_w * stride_h
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
         anchors.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
     return torch.cat(anchors)
@@ -756,6 +757,25 @@ def pyramid_levels(boxes: Tensor, canonical_size: float, canonical_level: int, f
     return torch.floor(canonical_level + torch.log2(relative) + eps)
 
 
+def exported_level_scales(features: list[Tensor], height) -> list[float]:
+    """The scales PyramidRoIAlign infers, as constants for torch.export, where the sizes are symbolic: level i
+    (P2 = 0) at stride 2 ** (i + 2), i.e. scale 2 ** -(i + 2). The inference, 2 ** round(log2(feature height /
+    image height)), gives that same scale when stride * feature height (the padded height) is within a factor
+    sqrt(2) of the image's height: checked in integers, as a runtime assertion of the exported program (it
+    fails only for images resized to under about 3 x IMAGE_SIZE_DIVISOR pixels high)."""
+    scales = []
+    for i, feature in enumerate(features):
+        padded = feature.shape[-2] * 2 ** (i + 2)
+        def message(level=i + 2):
+            return (f"an exported model needs images resized to at least ~3 x IMAGE_SIZE_DIVISOR pixels high (P{level}"
+                    f" pooling scale); got {height}")
+
+        torch._check(padded * padded < 2 * height * height, message)
+        torch._check(2 * padded * padded > height * height, message)
+        scales.append(2.0 ** -(i + 2))
+    return scales
+
+
 class PyramidRoIAlign(nn.Module):
     """RoIAlign on the FPN level that suits each box's size (FPN paper, eq. 1):
     level = floor(4 + log2(sqrt(area) / 224)), clamped to P2-P5, with POOL_LEVEL_FORMULA's epsilon.
@@ -775,7 +795,10 @@ class PyramidRoIAlign(nn.Module):
         """features: P2-P5; boxes: [[Ki, 4]] per image -> [sum Ki, C, S, S]."""
         # The scale of each level, from the largest unpadded image (as torchvision infers it).
         largest = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-        scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
+        if torch.compiler.is_exporting():
+            scales = exported_level_scales(features, largest[0])
+        else:
+            scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
         first, last = -math.log2(scales[0]), -math.log2(scales[-1])
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = pyramid_levels(rois[:, 1:], self.canonical_size, self.canonical_level, self.level_formula)
@@ -783,7 +806,7 @@ class PyramidRoIAlign(nn.Module):
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
         for level, (feature, scale) in enumerate(zip(features, scales)):
             index = torch.where(levels == level)[0]
-            if index.numel():
+            if guard_or_true(index.numel() > 0):  # unknown while torch.export traces: then pooled (maybe none)
                 # RoIs stay in float32 whatever the features' dtype (bfloat16 cannot hold pixel positions).
                 out[index] = torch.ops.maskrcnn.roi_align(
                     feature, rois[index], scale, self.output_size, self.output_size,
@@ -1071,18 +1094,18 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         boxes = decode_boxes(box_deltas, torch.cat(proposals), c.BOX_CODER_WEIGHTS)  # (sum K, classes, 4)
         scores = F.softmax(class_logits.float(), -1)
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # sizes, not len(): symbolic while torch.export traces
         results = [self.postprocess_detections(b, s, size)
                    for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)]
         mask_boxes = [r["boxes"] for r in results]
-        if sum(len(b) for b in mask_boxes) == 0:
+        if guard_or_false(sum(b.shape[0] for b in mask_boxes) == 0):  # unknown while exporting: masks made
             for r in results:
                 r["masks"] = r["boxes"].new_zeros((0, 1, c.MASK_SIZE, c.MASK_SIZE))
             return results
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_sizes)))
         labels = torch.cat([r["labels"] for r in results])
         probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels][:, None].float().sigmoid()
-        for r, p in zip(results, probs.split([len(b) for b in mask_boxes])):
+        for r, p in zip(results, probs.split([b.shape[0] for b in mask_boxes])):
             r["masks"] = p
         return results
 
@@ -1131,10 +1154,11 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
     their float32 probabilities would take 6.4 GB. The chunks are the same with or without a threshold, so
     the bool masks are exactly the thresholded probabilities.
     """
-    n, height, width = masks.shape[0], int(size[0]), int(size[1])
+    # sym_int keeps the sizes symbolic while torch.export traces (int() would fix them to the example's).
+    n, height, width = masks.shape[0], torch.sym_int(size[0]), torch.sym_int(size[1])
     out = torch.empty((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
                       device=masks.device)
-    if n == 0:
+    if guard_or_false(n == 0):
         return out
     if mode == "grid_sample":
         source, box, weights = masks[:, 0], boxes.float(), grid_sample_weights
@@ -1152,8 +1176,10 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
         raise ValueError(f"MASK_PASTE must be 'torchvision' or 'grid_sample'; got {mode!r}")
     k = source.shape[-1]
     per_chunk = max(1, chunk_bytes // (height * width * masks.element_size()))
-    for start in range(0, n, per_chunk):
-        chunk = slice(start, start + per_chunk)
+    # An exported program pastes all masks in one chunk: their number is not known while tracing.
+    chunks = [slice(None)] if torch.compiler.is_exporting() else [
+        slice(start, start + per_chunk) for start in range(0, n, per_chunk)]
+    for chunk in chunks:
         wy = weights(box[chunk, 1], box[chunk, 3], height, k, masks.dtype)
         wx = weights(box[chunk, 0], box[chunk, 2], width, k, masks.dtype)
         with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
@@ -1637,6 +1663,8 @@ def check_images(images):
             raise ValueError(f"images[{i}] must be floating point in [0, 1]; got {image.dtype}")
         if image.shape[1] < 1 or image.shape[2] < 1:
             raise ValueError(f"images[{i}] is empty: shape {list(image.shape)}")
+        if torch.compiler.is_exporting():
+            continue  # the values are not known while tracing; an exported program takes them as they come
         values = image.detach()
         if not bool(torch.isfinite(values).all()):
             nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())

@@ -11,6 +11,7 @@ The ops are registered as `torch.ops.maskrcnn.nms` and `torch.ops.maskrcnn.batch
 """
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from extensions import load_or_build
 
@@ -36,7 +37,9 @@ def _check_boxes_and_scores(boxes: torch.Tensor, scores: torch.Tensor, op: str) 
 
 def _no_boxes(boxes) -> bool:
     # As torchvision's ops: no boxes at all (any empty tensor) keep nothing, whatever the other arguments.
-    return isinstance(boxes, torch.Tensor) and boxes.numel() == 0
+    # While torch.export traces, the number of boxes may be unknown (guard_or_false: then not empty), and
+    # the op itself is recorded; it keeps nothing of no boxes too.
+    return isinstance(boxes, torch.Tensor) and guard_or_false(boxes.numel() == 0)
 
 
 def _empty_keep(boxes: torch.Tensor) -> torch.Tensor:
