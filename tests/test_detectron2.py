@@ -183,6 +183,18 @@ def relative_error(got, expected):
 # Presets and class ids
 
 
+def ref_mask_head(pooled, d):
+    """detectron2's MaskRCNNConvUpsampleHead in float64 on its own parameter names: four 3x3 convs + ReLU,
+    a stride-2 deconv + ReLU, the 1x1 predictor. pooled [R, C, 14, 14] -> [R, 80, 28, 28] logits."""
+    y = pooled
+    for i in range(1, 5):
+        y = F.relu(F.conv2d(y, d[f"roi_heads.mask_head.mask_fcn{i}.weight"], d[f"roi_heads.mask_head.mask_fcn{i}.bias"],
+                            padding=1))
+    y = F.relu(F.conv_transpose2d(y, d["roi_heads.mask_head.deconv.weight"], d["roi_heads.mask_head.deconv.bias"],
+                                  stride=2))
+    return F.conv2d(y, d["roi_heads.mask_head.predictor.weight"], d["roi_heads.mask_head.predictor.bias"])
+
+
 def test_presets_are_registered_with_detectron2s_settings():
     assert CONFIGS["d2_r50_fpn_3x"] is Detectron2R50FPN3xConfig
     c = named_config("d2_r50_fpn_3x")
@@ -358,13 +370,7 @@ def test_heads_follow_the_reference(d2):
                                 d["roi_heads.box_predictor.cls_score.bias"]), -1)[:, :-1]  # background last
     boxes = F.linear(x, d["roi_heads.box_predictor.bbox_pred.weight"], d["roi_heads.box_predictor.bbox_pred.bias"])
     mask_in = torch.randn(5, c, 14, 14, generator=g, dtype=torch.float64)
-    y = mask_in
-    for i in range(1, 5):
-        y = F.relu(F.conv2d(y, d[f"roi_heads.mask_head.mask_fcn{i}.weight"], d[f"roi_heads.mask_head.mask_fcn{i}.bias"],
-                            padding=1))
-    y = F.relu(F.conv_transpose2d(y, d["roi_heads.mask_head.deconv.weight"], d["roi_heads.mask_head.deconv.bias"],
-                                  stride=2))
-    masks = F.conv2d(y, d["roi_heads.mask_head.predictor.weight"], d["roi_heads.mask_head.predictor.bias"])
+    masks = ref_mask_head(mask_in, d)
     with torch.no_grad():
         got_logits, got_deltas = model.rpn.head([feature.float()])
         got_class, got_boxes = model.roi_heads.box_predictor(model.roi_heads.box_head(pooled.float()))
@@ -665,13 +671,7 @@ def ref_detectron2_inference(x, image_size, original, config, d):
     keep = torchvision.ops.batched_nms(boxes, scores, classes, 0.5)[:100]
     boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
 
-    y = ref_pool(features[:4], boxes, 14)
-    for i in range(1, 5):
-        y = F.relu(F.conv2d(y, d[f"roi_heads.mask_head.mask_fcn{i}.weight"], d[f"roi_heads.mask_head.mask_fcn{i}.bias"],
-                            padding=1))
-    y = F.relu(F.conv_transpose2d(y, d["roi_heads.mask_head.deconv.weight"], d["roi_heads.mask_head.deconv.bias"],
-                                  stride=2))
-    mask_logits = F.conv2d(y, d["roi_heads.mask_head.predictor.weight"], d["roi_heads.mask_head.predictor.bias"])
+    mask_logits = ref_mask_head(ref_pool(features[:4], boxes, 14), d)
     masks = mask_logits[torch.arange(len(classes)), classes].sigmoid()  # (D, 28, 28)
 
     height, width = original
