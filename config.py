@@ -89,7 +89,7 @@ CHOICES = {
 }
 
 # The type of settings whose default is None (the default says nothing about it).
-NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float}
+NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float, "CHANNELS_LAST": bool}
 
 # Settings whose default's type does not say what they take; Config.validate checks each of them.
 FREE_FORM_SETTINGS = ("POOL_INTERPOLATION",)  # one name, or a pair (box pooling, mask pooling)
@@ -312,9 +312,15 @@ class Config:
     DETECTION_MIN_SIZE = 1e-2  # boxes narrower or lower than this (pixels) are dropped
     MASK_THRESHOLD = 0.5  # detect() thresholds mask probabilities at this
 
-    # Keep feature maps channels-last (NHWC): faster convolutions on CPU (oneDNN) and on recent GPUs,
-    # and our RoIAlign reads NHWC maps directly. Results are the same up to float rounding.
-    CHANNELS_LAST = True
+    # Memory format of the feature maps (and conv weights): True channels-last (NHWC), False NCHW, None
+    # the one measured fastest for the mode and the machine (model.memory_format_for): channels-last for
+    # inference and on GPUs; for training on a CPU, channels-last where it has AVX-512 and NCHW where it
+    # has not. Measured with bench/bench_training.py (RESULTS.md): on a 2-core AMD EPYC (AVX2) the COCO
+    # training step was 0.80x torchvision in channels-last and 1.19x in NCHW; on a 2-core Xeon (AVX-512,
+    # Emerald Rapids) channels-last took 4% less CPU time than NCHW (COCO, 20.5 s against 21.3 s a step)
+    # and as much on the shapes preset, and channels-last inference was faster on both machines (our
+    # RoIAlign reads channels-last maps without a transpose). Results are the same up to float rounding.
+    CHANNELS_LAST = None
 
     # ---- Images ---------------------------------------------------------------------------------
     IMAGE_MIN_DIM = 800  # the shorter side is resized to this ...
@@ -485,7 +491,6 @@ class ShapesConfig(Config):
     - A short warm-up, then cosine decay to zero at MAX_ITERS, and gradient clipping, which keeps
       the first steps from scratch stable. 800 steps (6,400 images) fit in 10 minutes with room for
       this machine's noise (0.55 to 0.71 s a step).
-    - NCHW activations: for these small maps channels-last convolutions were not faster on CPU.
     """
 
     NAME = "shapes"
@@ -505,7 +510,6 @@ class ShapesConfig(Config):
     MASK_HEAD_CONVS = 2
     MASK_HEAD_CHANNELS = 64
     DETECTION_MAX_INSTANCES = 20
-    CHANNELS_LAST = False
     IMAGE_MIN_DIM = 128
     IMAGE_MAX_DIM = 128
     IMAGE_MIN_DIM_TRAIN = (128,)

@@ -1054,7 +1054,7 @@ class RoIHeads(nn.Module):
 ############################################################
 
 
-PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of full-size probabilities at a time
+PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of pasted probabilities at a time
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] = None,
@@ -1065,14 +1065,16 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
     As torchvision: the masks are padded by one pixel and the boxes enlarged by (M + 2) / M and cut to
     integers; each mask is resized bilinearly (align_corners=False) to its box's integer size. The
     resize is separable, so it is written as two batched matrix products with the interpolation
-    weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M + 2] and Wx [N, W, M + 2].
-    The products run a chunk of masks at a time, chunk_bytes of probabilities at most (one mask at least),
-    and a threshold applies to each chunk as it is made: on a 20 MP photo, 80 bool masks take 1.6 GB where
-    their float32 probabilities would take 6.4 GB. The chunks are the same with or without a threshold, so
-    the bool masks are exactly the thresholded probabilities.
+    weights: crop = Wy @ mask @ Wx^T, with Wy [N, h, M + 2] and Wx [N, w, M + 2] for the rows and columns
+    of the box's part of the image (everything else is zero), h x w the largest such part in a chunk.
+    The products run a chunk of masks at a time, chunk_bytes of crops at most (one mask at least), and a
+    threshold applies to each crop as it is copied into the image: on a 20 MP photo, 80 bool masks take
+    1.6 GB where their float32 probabilities would take 6.4 GB. Only the boxes are computed, not the whole
+    image (a 170 px box on an 800x1066 image is 30x less work), and the bool masks are exactly the
+    thresholded probabilities.
     """
     n, height, width = masks.shape[0], int(size[0]), int(size[1])
-    out = torch.empty((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
+    out = torch.zeros((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
                       device=masks.device)
     if n == 0:
         return out
@@ -1084,27 +1086,49 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
     ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
     ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
     box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
-    per_chunk = max(1, chunk_bytes // (height * width * masks.element_size()))
-    for start in range(0, n, per_chunk):
-        chunk = slice(start, start + per_chunk)
-        wy = interpolation_weights(box[chunk, 1], box[chunk, 3], height, m + 2, masks.dtype)
-        wx = interpolation_weights(box[chunk, 0], box[chunk, 2], width, m + 2, masks.dtype)
+    # The box's part of the image: pixels first..last (inclusive) of each axis, empty where last < first.
+    first = torch.stack([box[:, 0].clamp(0, width - 1), box[:, 1].clamp(0, height - 1)], dim=1)  # (N, 2) x, y
+    last = torch.stack([box[:, 2].clamp(max=width - 1), box[:, 3].clamp(max=height - 1)], dim=1)
+    extent = (last - first + 1).clamp(min=0)  # (N, 2) w, h
+    for chunk in crop_chunks(extent.tolist(), chunk_bytes // masks.element_size()):
+        w, h = int(extent[chunk, 0].max()), int(extent[chunk, 1].max())
+        if w == 0 or h == 0:
+            continue
+        wy = interpolation_weights(box[chunk, 1], box[chunk, 3], first[chunk, 1], h, m + 2, masks.dtype)
+        wx = interpolation_weights(box[chunk, 0], box[chunk, 2], first[chunk, 0], w, m + 2, masks.dtype)
         with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
-            pasted = torch.bmm(torch.bmm(wy, padded[chunk]), wx.transpose(1, 2))  # (chunk, H, W)
-        out[chunk, 0] = pasted if threshold is None else pasted > threshold
+            crops = torch.bmm(torch.bmm(wy, padded[chunk]), wx.transpose(1, 2))  # (chunk, h, w)
+        for i, crop in zip(range(chunk.start, chunk.stop), crops):
+            (x0, y0), (cw, ch) = first[i].tolist(), extent[i].tolist()
+            crop = crop[:ch, :cw]
+            out[i, 0, y0 : y0 + ch, x0 : x0 + cw] = crop if threshold is None else crop > threshold
     return out
 
 
-def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
-    """[N, length, source] weights of a bilinear resize (align_corners=False) of `source` samples onto
-    the pixels start..end (inclusive, integer) of an axis of `length` pixels; zero outside."""
+def crop_chunks(extents: list, max_elements: int) -> list[slice]:
+    """Consecutive slices of the crops of `extents` ([(w, h)] per mask) such that a chunk's crops, each
+    padded to the chunk's largest width and height, hold max_elements at most (one crop at least)."""
+    chunks, start, w, h = [], 0, 0, 0
+    for i, (cw, ch) in enumerate(extents):
+        w, h = max(w, cw), max(h, ch)
+        if i > start and (i - start + 1) * w * h > max_elements:
+            chunks.append(slice(start, i))
+            start, w, h = i, cw, ch
+    chunks.append(slice(start, len(extents)))
+    return chunks
+
+
+def interpolation_weights(start: Tensor, end: Tensor, first: Tensor, length: int, source: int, dtype) -> Tensor:
+    """[N, length, source] weights of a bilinear resize (align_corners=False) of `source` samples onto the
+    pixels start..end (inclusive, integer) of an axis, for the `length` pixels from first [N] on; zero
+    outside start..end."""
     size = (end - start + 1).clamp(min=1)  # pixels the mask covers
-    pixel = torch.arange(length, device=start.device)[None, :]
+    pixel = first[:, None] + torch.arange(length, device=start.device)[None, :]
     local = pixel - start[:, None]  # index within the resized mask
     inside = (local >= 0) & (local < size[:, None])
     step = source / size.to(torch.float32)  # PyTorch's scale for a resize to a given size
     src = (step[:, None] * (local.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
-    low = src.floor().to(torch.int64).clamp(max=source - 1)
+    low = src.floor().to(torch.int64).clamp(min=0, max=source - 1)
     high = torch.where(low < source - 1, low + 1, low)
     frac = (src - low.to(torch.float32)).to(dtype)
     weights = torch.zeros(start.shape[0], length, source, dtype=dtype, device=start.device)
@@ -1136,6 +1160,15 @@ def to_original_pixels(size, original, device) -> Tensor:
     return torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=device)
 
 
+def memory_format_for(channels_last: Optional[bool], training: bool, device: torch.device) -> torch.memory_format:
+    """The memory format of the activations (and conv weights) for the CHANNELS_LAST setting: True
+    channels-last, False NCHW, None the one measured fastest (see config.py): channels-last, except for
+    training on a CPU without AVX-512, whose channels-last convolution backward is slower than NCHW's."""
+    if channels_last is None:
+        channels_last = not (training and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512")
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN with a ResNet-FPN backbone.
 
@@ -1158,8 +1191,29 @@ class MaskRCNN(nn.Module):
         self.backbone = Backbone(config)
         self.rpn = RPN(config)
         self.roi_heads = RoIHeads(config)
-        self.memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
-        self.to(memory_format=self.memory_format)  # conv weights in the layout of the activations
+        self.memory_format = torch.contiguous_format  # the layout nn.Module's parameters are made in
+        self.use_memory_format()
+
+    def use_memory_format(self):
+        """Puts the conv weights in the memory format of the activations for the current mode and device
+        (memory_format_for), so that no conv converts its weights at each call. Called on every change of
+        mode (train, eval) or device (to, cuda, ...). Outside inference mode, so that an eval() inside
+        torch.inference_mode() does not turn the weights into inference tensors, which training refuses."""
+        memory_format = memory_format_for(self.config.CHANNELS_LAST, self.training, next(self.parameters()).device)
+        if memory_format != self.memory_format:
+            self.memory_format = memory_format
+            with torch.inference_mode(False):
+                super()._apply(lambda t: t.contiguous(memory_format=memory_format) if t.dim() == 4 else t)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.use_memory_format()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.use_memory_format()
+        return self
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
         if not self.training:

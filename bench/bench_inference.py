@@ -36,21 +36,27 @@ def build_models(device, min_size=800, max_size=1333):
     """torchvision's maskrcnn_resnet50_fpn with random weights that detect things, and ours with its weights;
     both resize images to min_size / max_size."""
     torch.manual_seed(0)
-    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
-                                   max_size=max_size).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.0)
-                m.bias.uniform_(-0.1, 0.1)
-        theirs.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
-        theirs.rpn.head.cls_logits.weight.mul_(30)
+    theirs = make_detecting(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
+                                                  min_size=min_size, max_size=max_size)).eval()
     # Untrained torchvision models use BatchNorm2d (eps 1e-5); ours freezes it with the same eps.
     ours = MaskRCNN(Config(FROZEN_BN_EPS=1e-5, IMAGE_MIN_DIM=min_size, IMAGE_MAX_DIM=max_size))
     ours.load_weights(theirs.state_dict())
     return theirs.to(device).eval(), ours.to(device).eval()
+
+
+def make_detecting(model):
+    """A random torchvision Mask R-CNN (in place) whose norms are not the identity and whose class and
+    objectness logits are sharp enough to detect things."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.uniform_(-0.1, 0.1)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
+        model.rpn.head.cls_logits.weight.mul_(30)
+    return model
 
 
 def peak_memory_mb(fn, device):
