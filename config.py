@@ -313,13 +313,14 @@ class Config:
     MASK_THRESHOLD = 0.5  # detect() thresholds mask probabilities at this
 
     # Memory format of the feature maps (and conv weights): True channels-last (NHWC), False NCHW, None
-    # the one measured fastest for the mode and the machine (model.memory_format_for): channels-last for
-    # inference and on GPUs; for training on a CPU, channels-last where it has AVX-512 and NCHW where it
-    # has not. Measured with bench/bench_training.py (RESULTS.md): on a 2-core AMD EPYC (AVX2) the COCO
-    # training step was 0.80x torchvision in channels-last and 1.19x in NCHW; on a 2-core Xeon (AVX-512,
-    # Emerald Rapids) channels-last took 4% less CPU time than NCHW (COCO, 20.5 s against 21.3 s a step)
-    # and as much on the shapes preset, and channels-last inference was faster on both machines (our
-    # RoIAlign reads channels-last maps without a transpose). Results are the same up to float rounding.
+    # per mode (model.memory_format_for): NCHW for training on a CPU, channels-last for inference and on
+    # GPUs. Measured with bench/bench_training.py and bench_inference.py (bench/RESULTS.md): on a 2-core
+    # AMD EPYC (AVX2) the COCO training step was 0.80x torchvision in channels-last and 1.19x in NCHW;
+    # on a 2-core Xeon (AVX-512, Emerald Rapids) the two were within the noise of a shared machine
+    # (COCO: 20.5 and 21.3 CPU s a step; shapes preset: 0.60 and 0.58), so NCHW on every CPU (one
+    # numerics for training everywhere); channels-last inference was faster on both machines (1.22x
+    # against 1.04x torchvision on the shapes preset here; our RoIAlign reads channels-last maps without
+    # a transpose). Results are the same up to float rounding.
     CHANNELS_LAST = None
 
     # ---- Images ---------------------------------------------------------------------------------

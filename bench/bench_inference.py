@@ -3,6 +3,7 @@ same images, same process.
 
     python bench/bench_inference.py                    # CPU, batch 1 and 4, median of 3
     python bench/bench_inference.py --device cuda --repeats 10
+    python bench/bench_inference.py --threads 1 --cpu-time --batches 1   # on a CPU shared with other work
 
 torchvision's model gets random weights scaled so that it makes real detections (no weights can be
 downloaded here); its state_dict is loaded into ours. The input is scikit-image's coffee photo resized
@@ -13,6 +14,7 @@ memory of each, how far the detections differ, and what detect(..., return_inter
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import sys
@@ -25,7 +27,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds  # noqa: E402
+import timing  # noqa: E402
 
 import utils  # noqa: E402
 from config import Config  # noqa: E402
@@ -145,13 +147,19 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not the wall clock "
+                        "(on a CPU shared with other work)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    median_seconds = functools.partial(timing.median_seconds, cpu_time=args.cpu_time)
     theirs, ours = build_models(device)
     image = coffee_image(800, 1066, device)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{datetime.date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}")
+          f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}"
+          f"{' (CPU time)' if args.cpu_time else ''}, load average {os.getloadavg()[0]:.1f}")
     print()
     print("| batch | torchvision s | ours s | torchvision img/s | ours img/s | ours / torchvision | "
           "peak MB torchvision | peak MB ours |")
