@@ -3,7 +3,8 @@ the same settings, same weights, same images and targets, in one process.
 
     python bench/bench_training.py                          # both configurations, median of 5
     python bench/bench_training.py --configs shapes --repeats 9
-    python bench/bench_training.py --layouts nchw,channels_last   # ours in each memory format
+    python bench/bench_training.py --layouts nchw,channels_last --inference   # ours in each memory format
+    python bench/bench_training.py --threads 1              # on a CPU shared with other work (see below)
 
 Configurations:
     shapes: the demo's (config.ShapesConfig: 128 px, batch 8, ResNet-18 with trained BatchNorm, narrow FPN
@@ -17,8 +18,11 @@ into ours). Before timing, a check: the first step's five losses of both, side b
 and proposal sampled (sampling draws random numbers differently in the two codebases), so that they must be
 equal (relative 1e-3); the script stops if they are not. The timed steps then use the configuration's own
 sampling. Steps alternate between the models (ours, torchvision, ours, ...) and the medians are reported
-with the spread (min-max), since the machine may be shared. Peak RSS is the process's high-water mark over
-one step of each (reset through /proc/self/clear_refs).
+with the spread (min-max), since the machine may be shared, in wall-clock seconds and in the process's CPU
+seconds: on a machine shared with other work, two threads' wall-clock times are dominated by waits for a
+descheduled thread, and one thread's CPU time is the steadiest figure. --inference adds the same table for
+inference at batch 1 (the first image). Peak RSS is the process's high-water mark over one call of each
+(reset through /proc/self/clear_refs to the resident set, which holds every model built).
 
 Our POOL_ALIGNED is set to False for the shapes comparison: torchvision's RoIAlign in MultiScaleRoIAlign and
 in its mask targets is the unaligned one; the half-pixel shift costs nothing.

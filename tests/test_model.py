@@ -812,6 +812,18 @@ def test_memory_format_follows_the_mode(small_detector, monkeypatch):
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
 
 
+@pytest.mark.parametrize("setting, training, device, channels_last", [
+    (None, True, "cpu", False),  # CPU training: NCHW (config.py says what was measured)
+    (None, False, "cpu", True),
+    (None, True, "cuda", True),
+    (True, True, "cpu", True),  # an explicit setting holds in both modes
+    (False, False, "cpu", False),
+])
+def test_memory_format_rule(setting, training, device, channels_last):
+    expected = torch.channels_last if channels_last else torch.contiguous_format
+    assert model_module.memory_format_for(setting, training, torch.device(device)) == expected
+
+
 def test_anchor_ratios_set_the_anchors_per_location():
     model = MaskRCNN(small_config(ANCHOR_RATIOS=(0.5, 1.0)))
     assert model.rpn.head.cls_logits.out_channels == 2
