@@ -1128,7 +1128,7 @@ def interpolation_weights(start: Tensor, end: Tensor, first: Tensor, length: int
     inside = (local >= 0) & (local < size[:, None])
     step = source / size.to(torch.float32)  # PyTorch's scale for a resize to a given size
     src = (step[:, None] * (local.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
-    low = src.floor().to(torch.int64).clamp(min=0, max=source - 1)
+    low = src.floor().to(torch.int64).clamp(max=source - 1)
     high = torch.where(low < source - 1, low + 1, low)
     frac = (src - low.to(torch.float32)).to(dtype)
     weights = torch.zeros(start.shape[0], length, source, dtype=dtype, device=start.device)
