@@ -313,14 +313,13 @@ class Config:
     MASK_THRESHOLD = 0.5  # detect() thresholds mask probabilities at this
 
     # Memory format of the feature maps (and conv weights): True channels-last (NHWC), False NCHW, None
-    # per mode (model.memory_format_for): NCHW for training on a CPU, channels-last for inference and on
-    # GPUs. Measured with bench/bench_training.py and bench_inference.py (bench/RESULTS.md): on a 2-core
+    # per mode and machine (model.memory_format_for): channels-last, except NCHW for training on a CPU
+    # without AVX-512. Measured with bench/bench_training.py (bench/RESULTS.md), 2 threads: on a 2-core
     # AMD EPYC (AVX2) the COCO training step was 0.80x torchvision in channels-last and 1.19x in NCHW;
-    # on a 2-core Xeon (AVX-512, Emerald Rapids) the two were within the noise of a shared machine
-    # (COCO: 20.5 and 21.3 CPU s a step; shapes preset: 0.60 and 0.58), so NCHW on every CPU (one
-    # numerics for training everywhere); channels-last inference was faster on both machines (1.22x
-    # against 1.04x torchvision on the shapes preset here; our RoIAlign reads channels-last maps without
-    # a transpose). Results are the same up to float rounding.
+    # on a 2-core Xeon (AVX-512, Emerald Rapids) it was 1.58x in channels-last and 1.00x in NCHW (12.0
+    # against 19.1 s a step), and on the shapes preset 1.06x against 0.95x. Inference was faster in
+    # channels-last on both (our RoIAlign reads channels-last maps without a transpose). Results are the
+    # same up to float rounding.
     CHANNELS_LAST = None
 
     # ---- Images ---------------------------------------------------------------------------------

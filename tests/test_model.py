@@ -812,14 +812,16 @@ def test_memory_format_follows_the_mode(small_detector, monkeypatch):
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
 
 
-@pytest.mark.parametrize("setting, training, device, channels_last", [
-    (None, True, "cpu", False),  # CPU training: NCHW (config.py says what was measured)
-    (None, False, "cpu", True),
-    (None, True, "cuda", True),
-    (True, True, "cpu", True),  # an explicit setting holds in both modes
-    (False, False, "cpu", False),
+@pytest.mark.parametrize("setting, training, device, capability, channels_last", [
+    (None, True, "cpu", "AVX2", False),  # CPU training: NCHW without AVX-512 (config.py says what was measured)
+    (None, True, "cpu", "AVX512", True),
+    (None, False, "cpu", "AVX2", True),
+    (None, True, "cuda", "AVX2", True),
+    (True, True, "cpu", "AVX2", True),  # an explicit setting holds in both modes, on any CPU
+    (False, False, "cpu", "AVX512", False),
 ])
-def test_memory_format_rule(setting, training, device, channels_last):
+def test_memory_format_rule(setting, training, device, capability, channels_last, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     expected = torch.channels_last if channels_last else torch.contiguous_format
     assert model_module.memory_format_for(setting, training, torch.device(device)) == expected
 
