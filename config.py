@@ -317,9 +317,10 @@ class Config:
     # without AVX-512. Measured with bench/bench_training.py (bench/RESULTS.md), 2 threads: on a 2-core
     # AMD EPYC (AVX2) the COCO training step was 0.80x torchvision in channels-last and 1.19x in NCHW;
     # on a 2-core Xeon (AVX-512, Emerald Rapids) it was 1.58x in channels-last and 1.00x in NCHW (12.0
-    # against 19.1 s a step), and on the shapes preset 1.06x against 0.95x. Inference was faster in
-    # channels-last on both (our RoIAlign reads channels-last maps without a transpose). Results are the
-    # same up to float rounding.
+    # against 19.1 s a step), and on the shapes preset 1.06x against 0.95x. Inference at 800x1066 was
+    # faster in channels-last there (1.40x against 1.26x torchvision; our RoIAlign reads channels-last
+    # maps without a transpose), and 1.35x torchvision in channels-last on the EPYC (NCHW not measured).
+    # Results are the same up to float rounding.
     CHANNELS_LAST = None
 
     # ---- Images ---------------------------------------------------------------------------------
