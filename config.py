@@ -492,6 +492,10 @@ class ShapesConfig(Config):
     - A short warm-up, then cosine decay to zero at MAX_ITERS, and gradient clipping, which keeps
       the first steps from scratch stable. 800 steps (6,400 images) fit in 10 minutes with room for
       this machine's noise (0.55 to 0.71 s a step).
+    - NCHW in both modes (CHANNELS_LAST False), as the calibration above ran. On an AVX-512 Xeon the
+      default (None) would train in channels-last, 1.20 s against 1.33 s a step there under load
+      (bench/RESULTS.md), but with other float rounding than the calibrated runs; at 128 px inference
+      was no faster in channels-last (two threads).
     """
 
     NAME = "shapes"
@@ -511,6 +515,7 @@ class ShapesConfig(Config):
     MASK_HEAD_CONVS = 2
     MASK_HEAD_CHANNELS = 64
     DETECTION_MAX_INSTANCES = 20
+    CHANNELS_LAST = False
     IMAGE_MIN_DIM = 128
     IMAGE_MAX_DIM = 128
     IMAGE_MIN_DIM_TRAIN = (128,)
