@@ -91,7 +91,7 @@ CHOICES = {
 }
 
 # The type of settings whose default is None (the default says nothing about it).
-NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float}
+NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float, "CHANNELS_LAST": bool}
 
 # Settings whose default's type does not say what they take; Config.validate checks each of them.
 FREE_FORM_SETTINGS = ("POOL_INTERPOLATION",)  # one name, or a pair (box pooling, mask pooling)
@@ -341,9 +341,16 @@ class Config:
     # zero width or height (detectron2's detector_postprocess; True), or leave them as they are (False).
     RESCALE_CLIP_AND_DROP_EMPTY = False
 
-    # Keep feature maps channels-last (NHWC): faster convolutions on CPU (oneDNN) and on recent GPUs,
-    # and our RoIAlign reads NHWC maps directly. Results are the same up to float rounding.
-    CHANNELS_LAST = True
+    # Memory format of the feature maps (and conv weights): True channels-last (NHWC), False NCHW, None
+    # per mode and machine (model.memory_format_for): channels-last, except NCHW for training on a CPU
+    # without AVX-512. Measured with bench/bench_training.py (bench/RESULTS.md), 2 threads: on a 2-core
+    # AMD EPYC (AVX2) the COCO training step was 0.80x torchvision in channels-last and 1.19x in NCHW;
+    # on a 2-core Xeon (AVX-512, Emerald Rapids) it was 1.58x in channels-last and 1.00x in NCHW (12.0
+    # against 19.1 s a step), and on the shapes preset 1.06x against 0.95x. Inference at 800x1066 was
+    # faster in channels-last there (1.40x against 1.26x torchvision; our RoIAlign reads channels-last
+    # maps without a transpose), and 1.35x torchvision in channels-last on the EPYC (NCHW not measured).
+    # Results are the same up to float rounding.
+    CHANNELS_LAST = None
 
     # ---- Images ---------------------------------------------------------------------------------
     IMAGE_MIN_DIM = 800  # the shorter side is resized to this ...
@@ -533,7 +540,10 @@ class ShapesConfig(Config):
     - A short warm-up, then cosine decay to zero at MAX_ITERS, and gradient clipping, which keeps
       the first steps from scratch stable. 800 steps (6,400 images) fit in 10 minutes with room for
       this machine's noise (0.55 to 0.71 s a step).
-    - NCHW activations: for these small maps channels-last convolutions were not faster on CPU.
+    - NCHW in both modes (CHANNELS_LAST False), as the calibration above ran. On an AVX-512 Xeon the
+      default (None) would train in channels-last, 1.20 s against 1.33 s a step there under load
+      (bench/RESULTS.md), but with other float rounding than the calibrated runs; at 128 px inference
+      was no faster in channels-last (two threads).
     - Masks pasted as detectron2 does (MASK_PASTE "grid_sample": each pixel samples the 28x28 mask in the
       exact box) rather than torchvision's way (box cut to whole pixels, padded mask resized): on the
       demo's trained model, segm AP 0.715 -> 0.739 and Boundary AP 0.458 -> 0.522 on the same weights,

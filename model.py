@@ -1134,7 +1134,7 @@ class RoIHeads(nn.Module):
 ############################################################
 
 
-PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of full-size probabilities at a time
+PASTE_CHUNK_BYTES = 2**28  # paste_masks' working set: 256 MB of pasted probabilities at a time
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] = None,
@@ -1148,20 +1148,26 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
     "grid_sample" (detectron2's paste_masks_in_image): each pixel centre is sampled bilinearly in the mask
     spread over the exact float box (F.grid_sample, align_corners=False, zero outside the mask).
     Both resizes are separable, so they are written as two batched matrix products with the interpolation
-    weights: image = Wy @ mask @ Wx^T, with Wy [N, H, M'] and Wx [N, W, M'] (M' = M + 2 or M).
-    The products run a chunk of masks at a time, chunk_bytes of probabilities at most (one mask at least),
-    and a threshold applies to each chunk as it is made: on a 20 MP photo, 80 bool masks take 1.6 GB where
-    their float32 probabilities would take 6.4 GB. The chunks are the same with or without a threshold, so
-    the bool masks are exactly the thresholded probabilities.
+    weights: crop = Wy @ mask @ Wx^T, with Wy [N, h, M'] and Wx [N, w, M'] (M' = M + 2 or M) for the rows and
+    columns of the box's part of the image (everything else is zero), h x w the largest such part in a
+    chunk. Only the boxes are computed, not the whole image (a 170 px box on an 800x1066 image is 30x less
+    work). The products run a chunk of masks at a time, chunk_bytes of crops at most (one mask at least),
+    and a threshold applies to each crop as it is copied into the image: on a 20 MP photo, 80 bool masks
+    take 1.6 GB where their float32 probabilities would take 6.4 GB; the bool masks are exactly the
+    thresholded probabilities. An exported program (torch.export, whose number of masks and image size are
+    symbolic) computes the whole image for all masks at once instead.
     """
     # sym_int keeps the sizes symbolic while torch.export traces (int() would fix them to the example's).
     n, height, width = masks.shape[0], torch.sym_int(size[0]), torch.sym_int(size[1])
-    out = torch.empty((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
+    out = torch.zeros((n, 1, height, width), dtype=masks.dtype if threshold is None else torch.bool,
                       device=masks.device)
     if guard_or_false(n == 0):
         return out
     if mode == "grid_sample":
         source, box, weights = masks[:, 0], boxes.float(), grid_sample_weights
+        # Bilinear sampling against the zero padding reaches half a mask cell beyond the box.
+        margin = (box[:, 2:] - box[:, :2]) / (2 * source.shape[-1]) + 1  # (N, 2) x, y
+        low, high = (box[:, :2] - margin).floor().to(torch.int64), (box[:, 2:] + margin).ceil().to(torch.int64)
     elif mode == "torchvision":
         m = masks.shape[-1]
         source = F.pad(masks[:, 0], (1, 1, 1, 1))
@@ -1171,29 +1177,59 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
         ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
         ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
         box = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
-        weights = interpolation_weights
+        low, high, weights = box[:, :2], box[:, 2:], interpolation_weights
     else:
         raise ValueError(f"MASK_PASTE must be 'torchvision' or 'grid_sample'; got {mode!r}")
     k = source.shape[-1]
-    per_chunk = max(1, chunk_bytes // (height * width * masks.element_size()))
-    # An exported program pastes all masks in one chunk: their number is not known while tracing.
-    chunks = [slice(None)] if torch.compiler.is_exporting() else [
-        slice(start, start + per_chunk) for start in range(0, n, per_chunk)]
-    for chunk in chunks:
-        wy = weights(box[chunk, 1], box[chunk, 3], height, k, masks.dtype)
-        wx = weights(box[chunk, 0], box[chunk, 2], width, k, masks.dtype)
+
+    def paste(chunk, first_x, first_y, w, h):
+        wy = weights(box[chunk, 1], box[chunk, 3], first_y, h, k, masks.dtype)
+        wx = weights(box[chunk, 0], box[chunk, 2], first_x, w, k, masks.dtype)
         with torch.autocast(masks.device.type, enabled=False):  # probabilities stay in their own dtype
-            pasted = torch.bmm(torch.bmm(wy, source[chunk]), wx.transpose(1, 2))  # (chunk, H, W)
-        out[chunk, 0] = pasted if threshold is None else utils.threshold_masks(pasted, threshold, inclusive)
+            return torch.bmm(torch.bmm(wy, source[chunk]), wx.transpose(1, 2))  # (chunk, h, w)
+
+    if torch.compiler.is_exporting():
+        zero = torch.zeros(n, dtype=torch.int64, device=masks.device)
+        pasted = paste(slice(None), zero, zero, width, height)
+        out[:, 0] = pasted if threshold is None else utils.threshold_masks(pasted, threshold, inclusive)
+        return out
+    # The box's part of the image: pixels first..last (inclusive) of each axis, empty where last < first.
+    first = torch.stack([low[:, 0].clamp(0, width - 1), low[:, 1].clamp(0, height - 1)], dim=1)  # (N, 2) x, y
+    last = torch.stack([high[:, 0].clamp(max=width - 1), high[:, 1].clamp(max=height - 1)], dim=1)
+    extent = (last - first + 1).clamp(min=0)  # (N, 2) w, h
+    for chunk in crop_chunks(extent.tolist(), chunk_bytes // masks.element_size()):
+        w, h = int(extent[chunk, 0].max()), int(extent[chunk, 1].max())
+        if w == 0 or h == 0:
+            continue
+        crops = paste(chunk, first[chunk, 0], first[chunk, 1], w, h)
+        for i, crop in zip(range(chunk.start, chunk.stop), crops):
+            (x0, y0), (cw, ch) = first[i].tolist(), extent[i].tolist()
+            crop = crop[:ch, :cw]
+            out[i, 0, y0 : y0 + ch, x0 : x0 + cw] = (
+                crop if threshold is None else utils.threshold_masks(crop, threshold, inclusive))
     return out
 
 
-def grid_sample_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
+def crop_chunks(extents: list, max_elements: int) -> list[slice]:
+    """Consecutive slices of the crops of `extents` ([(w, h)] per mask) such that a chunk's crops, each
+    padded to the chunk's largest width and height, hold max_elements at most (one crop at least)."""
+    chunks, start, w, h = [], 0, 0, 0
+    for i, (cw, ch) in enumerate(extents):
+        w, h = max(w, cw), max(h, ch)
+        if i > start and (i - start + 1) * w * h > max_elements:
+            chunks.append(slice(start, i))
+            start, w, h = i, cw, ch
+    chunks.append(slice(start, len(extents)))
+    return chunks
+
+
+def grid_sample_weights(start: Tensor, end: Tensor, first: Tensor, length: int, source: int, dtype) -> Tensor:
     """[N, length, source] weights of F.grid_sample (bilinear, align_corners=False, zero padding) reading
-    `source` samples spread over [start, end] (float pixel edges) at the pixel centres 0.5 .. length - 0.5
-    of an axis; computed in float32 in grid_sample's steps (normalise to [-1, 1], then back to the
-    source's index) so the weights round as detectron2's paste does. A box of zero size gets no weights."""
-    centre = torch.arange(length, device=start.device, dtype=torch.float32)[None, :] + 0.5
+    `source` samples spread over [start, end] (float pixel edges) at the pixel centres first + 0.5 ..
+    first + length - 0.5 of an axis (first [N]); computed in float32 in grid_sample's steps (normalise to
+    [-1, 1], then back to the source's index) so the weights round as detectron2's paste does. A box of
+    zero size gets no weights."""
+    centre = first.float()[:, None] + torch.arange(length, device=start.device, dtype=torch.float32)[None, :] + 0.5
     start, end = start.float()[:, None], end.float()[:, None]
     grid = (centre - start) / (end - start) * 2 - 1  # (N, length)
     src = ((grid + 1) * source - 1) / 2
@@ -1210,11 +1246,12 @@ def grid_sample_weights(start: Tensor, end: Tensor, length: int, source: int, dt
     return weights[..., 1:-1]
 
 
-def interpolation_weights(start: Tensor, end: Tensor, length: int, source: int, dtype) -> Tensor:
-    """[N, length, source] weights of a bilinear resize (align_corners=False) of `source` samples onto
-    the pixels start..end (inclusive, integer) of an axis of `length` pixels; zero outside."""
+def interpolation_weights(start: Tensor, end: Tensor, first: Tensor, length: int, source: int, dtype) -> Tensor:
+    """[N, length, source] weights of a bilinear resize (align_corners=False) of `source` samples onto the
+    pixels start..end (inclusive, integer) of an axis, for the `length` pixels from first [N] on; zero
+    outside start..end."""
     size = (end - start + 1).clamp(min=1)  # pixels the mask covers
-    pixel = torch.arange(length, device=start.device)[None, :]
+    pixel = first[:, None] + torch.arange(length, device=start.device)[None, :]
     local = pixel - start[:, None]  # index within the resized mask
     inside = (local >= 0) & (local < size[:, None])
     step = source / size.to(torch.float32)  # PyTorch's scale for a resize to a given size
@@ -1251,6 +1288,16 @@ def to_original_pixels(size, original, device) -> Tensor:
     return torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, device=device)
 
 
+def memory_format_for(channels_last: Optional[bool], training: bool, device: torch.device) -> torch.memory_format:
+    """The memory format of the activations (and conv weights) for the CHANNELS_LAST setting: True
+    channels-last, False NCHW, None the one measured fastest (see config.py): channels-last, except for
+    training on a CPU without AVX-512, whose channels-last convolution backward is slower than NCHW's."""
+    if channels_last is None:
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        channels_last = not (training and device.type == "cpu" and not avx512)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN with a ResNet-FPN backbone.
 
@@ -1273,8 +1320,29 @@ class MaskRCNN(nn.Module):
         self.backbone = Backbone(config)
         self.rpn = RPN(config)
         self.roi_heads = RoIHeads(config)
-        self.memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
-        self.to(memory_format=self.memory_format)  # conv weights in the layout of the activations
+        self.memory_format = torch.contiguous_format  # the layout nn.Module's parameters are made in
+        self.use_memory_format()
+
+    def use_memory_format(self):
+        """Puts the conv weights in the memory format of the activations for the current mode and device
+        (memory_format_for), so that no conv converts its weights at each call. Called on every change of
+        mode (train, eval) or device (to, cuda, ...). Outside inference mode, so that an eval() inside
+        torch.inference_mode() does not turn the weights into inference tensors, which training refuses."""
+        memory_format = memory_format_for(self.config.CHANNELS_LAST, self.training, next(self.parameters()).device)
+        if memory_format != self.memory_format:
+            self.memory_format = memory_format
+            with torch.inference_mode(False):
+                super()._apply(lambda t: t.contiguous(memory_format=memory_format) if t.dim() == 4 else t)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.use_memory_format()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.use_memory_format()
+        return self
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
         if not self.training:

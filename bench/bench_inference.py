@@ -3,6 +3,7 @@ same images, same process.
 
     python bench/bench_inference.py                    # CPU, batch 1 and 4, median of 3
     python bench/bench_inference.py --device cuda --repeats 10
+    python bench/bench_inference.py --threads 1 --cpu-time --batches 1   # on a CPU shared with other work
 
 torchvision's model gets random weights scaled so that it makes real detections (no weights can be
 downloaded here); its state_dict is loaded into ours. The input is scikit-image's coffee photo resized
@@ -13,6 +14,7 @@ memory of each, how far the detections differ, and what detect(..., return_inter
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import sys
@@ -25,7 +27,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds  # noqa: E402
+import timing  # noqa: E402
 
 import utils  # noqa: E402
 from config import Config  # noqa: E402
@@ -36,21 +38,27 @@ def build_models(device, min_size=800, max_size=1333):
     """torchvision's maskrcnn_resnet50_fpn with random weights that detect things, and ours with its weights;
     both resize images to min_size / max_size."""
     torch.manual_seed(0)
-    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
-                                   max_size=max_size).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.0)
-                m.bias.uniform_(-0.1, 0.1)
-        theirs.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
-        theirs.rpn.head.cls_logits.weight.mul_(30)
+    theirs = make_detecting(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
+                                                  min_size=min_size, max_size=max_size)).eval()
     # Untrained torchvision models use BatchNorm2d (eps 1e-5); ours freezes it with the same eps.
     ours = MaskRCNN(Config(FROZEN_BN_EPS=1e-5, IMAGE_MIN_DIM=min_size, IMAGE_MAX_DIM=max_size))
     ours.load_weights(theirs.state_dict())
     return theirs.to(device).eval(), ours.to(device).eval()
+
+
+def make_detecting(model):
+    """A random torchvision Mask R-CNN (in place) whose norms are not the identity and whose class and
+    objectness logits are sharp enough to detect things."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.uniform_(-0.1, 0.1)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(40)  # confident enough to detect things
+        model.rpn.head.cls_logits.weight.mul_(30)
+    return model
 
 
 def peak_memory_mb(fn, device):
@@ -139,13 +147,19 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not the wall clock "
+                        "(on a CPU shared with other work)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    median_seconds = functools.partial(timing.median_seconds, cpu_time=args.cpu_time)
     theirs, ours = build_models(device)
     image = coffee_image(800, 1066, device)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{datetime.date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}")
+          f"{torchvision.__version__}, {torch.get_num_threads()} threads, 800x1066 input, median of {args.repeats}"
+          f"{' (CPU time)' if args.cpu_time else ''}, load average {os.getloadavg()[0]:.1f}")
     print()
     print("| batch | torchvision s | ours s | torchvision img/s | ours img/s | ours / torchvision | "
           "peak MB torchvision | peak MB ours |")

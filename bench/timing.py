@@ -2,7 +2,8 @@
 
 On CUDA each call is timed with CUDA events recorded around it on the current stream (the device's
 own clock, so host-side launch overhead counts only where it leaves the device idle); on the CPU with
-the wall clock."""
+the wall clock, or with cpu_time the process's CPU time (all its threads), which moves little with the
+load other processes put on a shared machine (with one thread it is the wall-clock time of an idle one)."""
 
 import datetime
 import os
@@ -14,7 +15,7 @@ import torch
 import torchvision
 
 
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, cpu_time: bool = False) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -28,9 +29,10 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         else:
-            start = time.perf_counter()
+            clock = time.process_time if cpu_time else time.perf_counter
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 

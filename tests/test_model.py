@@ -782,6 +782,50 @@ def test_channels_last_switch_changes_only_the_layout(small_detector, small_refe
     assert_same_detections(small_reference.out, out, min_detections=10)
 
 
+def test_memory_format_follows_the_mode(small_detector, monkeypatch):
+    # CHANNELS_LAST None picks a layout per mode (model.memory_format_for, which depends on the CPU; here
+    # replaced by one that differs between the modes): the conv weights must follow each change of mode, stay
+    # the same Parameter objects (an optimizer holds them), and never become inference tensors when eval()
+    # runs inside torch.inference_mode(). The losses are those of the NCHW model.
+    def per_mode(channels_last, training, device):
+        return torch.contiguous_format if training else torch.channels_last
+
+    monkeypatch.setattr(model_module, "memory_format_for", per_mode)
+    model = clone_with(small_detector, small_config(CHANNELS_LAST=None)).train()
+    nchw = clone_with(small_detector, small_config(CHANNELS_LAST=False)).train()
+    weight = model.backbone.body.conv1.weight
+    for training in (False, True, False, True):
+        with torch.inference_mode():
+            model.train(training)
+        layout = torch.contiguous_format if training else torch.channels_last
+        assert model.memory_format == layout and weight.is_contiguous(memory_format=layout)
+        assert weight.is_contiguous() == training
+        assert model.backbone.body.conv1.weight is weight and not weight.is_inference()
+    torch.manual_seed(0)
+    images, targets = train_samples()
+    got = model(images, targets)
+    torch.manual_seed(0)
+    expected = nchw(images, targets)
+    sum(got.values()).backward()
+    for name in expected:
+        assert math.isclose(got[name].item(), expected[name].item(), rel_tol=1e-4, abs_tol=1e-6), name
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("setting, training, device, capability, channels_last", [
+    (None, True, "cpu", "AVX2", False),  # CPU training: NCHW without AVX-512 (config.py says what was measured)
+    (None, True, "cpu", "AVX512", True),
+    (None, False, "cpu", "AVX2", True),
+    (None, True, "cuda", "AVX2", True),
+    (True, True, "cpu", "AVX2", True),  # an explicit setting holds in both modes, on any CPU
+    (False, False, "cpu", "AVX512", False),
+])
+def test_memory_format_rule(setting, training, device, capability, channels_last, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    expected = torch.channels_last if channels_last else torch.contiguous_format
+    assert model_module.memory_format_for(setting, training, torch.device(device)) == expected
+
+
 def test_anchor_ratios_set_the_anchors_per_location():
     model = MaskRCNN(small_config(ANCHOR_RATIOS=(0.5, 1.0)))
     assert model.rpn.head.cls_logits.out_channels == 2
