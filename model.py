@@ -1197,13 +1197,15 @@ def paste_masks(masks: Tensor, boxes: Tensor, size, threshold: Optional[float] =
     first = torch.stack([low[:, 0].clamp(0, width - 1), low[:, 1].clamp(0, height - 1)], dim=1)  # (N, 2) x, y
     last = torch.stack([high[:, 0].clamp(max=width - 1), high[:, 1].clamp(max=height - 1)], dim=1)
     extent = (last - first + 1).clamp(min=0)  # (N, 2) w, h
-    for chunk in crop_chunks(extent.tolist(), chunk_bytes // masks.element_size()):
-        w, h = int(extent[chunk, 0].max()), int(extent[chunk, 1].max())
+    # The crops' corners and sizes on the host once (one device sync each, not two per mask).
+    corners, sizes = first.tolist(), extent.tolist()
+    for chunk in crop_chunks(sizes, chunk_bytes // masks.element_size()):
+        w, h = max(size[0] for size in sizes[chunk]), max(size[1] for size in sizes[chunk])
         if w == 0 or h == 0:
             continue
         crops = paste(chunk, first[chunk, 0], first[chunk, 1], w, h)
         for i, crop in zip(range(chunk.start, chunk.stop), crops):
-            (x0, y0), (cw, ch) = first[i].tolist(), extent[i].tolist()
+            (x0, y0), (cw, ch) = corners[i], sizes[i]
             crop = crop[:ch, :cw]
             out[i, 0, y0 : y0 + ch, x0 : x0 + cw] = (
                 crop if threshold is None else utils.threshold_masks(crop, threshold, inclusive))
