@@ -37,20 +37,22 @@ COCO_CLASS_NAMES = (
 
 class Range(NamedTuple):
     """Allowed values of a number (each element of a tuple of numbers): low..high, both included
-    unless low_open."""
+    unless low_open / high_open."""
 
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False
+    high_open: bool = False
 
     def __contains__(self, value) -> bool:
         above = value > self.low if self.low_open else value >= self.low
-        return above and value <= self.high
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
 
     def __str__(self):
         if self.high == math.inf:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1, FRACTION = Range(0, low_open=True), Range(0), Range(1), Range(0, 1)
@@ -71,7 +73,8 @@ RANGES = {
     "MASK_POOL_SIZE": AT_LEAST_1, "POOL_CANONICAL_SIZE": POSITIVE, "BOX_HEAD_CONVS": NON_NEGATIVE,
     "BOX_HEAD_DIM": AT_LEAST_1, "MASK_HEAD_CONVS": NON_NEGATIVE, "MASK_HEAD_CHANNELS": AT_LEAST_1,
     "BOX_CODER_WEIGHTS": POSITIVE, "SMOOTH_L1_BETA": NON_NEGATIVE, "FOCAL_GAMMA": NON_NEGATIVE,
-    "FOCAL_ALPHA": FRACTION, "DETECTION_MIN_CONFIDENCE": FRACTION, "DETECTION_NMS_THRESHOLD": FRACTION,
+    "FOCAL_ALPHA": FRACTION, "RPN_PRIOR_PROBABILITY": Range(0, 1, True, True), "DETECTION_MIN_CONFIDENCE": FRACTION,
+    "DETECTION_NMS_THRESHOLD": FRACTION,
     "DETECTION_MAX_INSTANCES": AT_LEAST_1, "DETECTION_MIN_SIZE": NON_NEGATIVE, "MASK_THRESHOLD": FRACTION,
     "IMAGE_MIN_DIM": AT_LEAST_1, "IMAGE_MAX_DIM": AT_LEAST_1, "IMAGE_MIN_DIM_TRAIN": AT_LEAST_1,
     "IMAGE_SIZE_DIVISOR": AT_LEAST_1, "PIXEL_MEAN": Range(0, 255), "PIXEL_STD": POSITIVE, "NUM_CLASSES": Range(2),
@@ -87,11 +90,11 @@ CHOICES = {
     "VARIANT": ("v1", "v2"), "BACKBONE": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "NORM": ("frozen_bn", "bn", "gn"), "LR_SCHEDULE": ("step", "cosine"), "INPUT_FORMAT": ("RGB", "BGR255"),
     "RESIZE_ROUNDING": ("floor", "round"), "POOL_LEVEL_FORMULA": ("torchvision", "detectron2"),
-    "MASK_PASTE": ("torchvision", "grid_sample"),
+    "MASK_PASTE": ("torchvision", "grid_sample"), "RPN_OBJECTNESS_NORMALISER": ("samples", "positives"),
 }
 
 # The type of settings whose default is None (the default says nothing about it).
-NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float, "CHANNELS_LAST": bool}
+NONE_DEFAULT_TYPES = {"FOCAL_ALPHA": float, "RPN_PRIOR_PROBABILITY": float, "CHANNELS_LAST": bool}
 
 # Settings whose default's type does not say what they take; Config.validate checks each of them.
 FREE_FORM_SETTINGS = ("POOL_INTERPOLATION",)  # one name, or a pair (box pooling, mask pooling)
@@ -324,6 +327,12 @@ class Config:
     # Shared by the three switches, so that an ablation changes one switch at a time.
     FOCAL_GAMMA = 2.0
     FOCAL_ALPHA = None  # weight of positives in [0, 1] (RetinaNet: 0.25), or None for no weighting
+    # RetinaNet's other two parts, for the RPN. Its loss is summed over every anchor and divided by the
+    # positives ("positives"), where a mean over the sampled anchors ("samples") lets thousands of easy
+    # negatives dilute the few positives; and its classifier starts at a small prior probability of an
+    # object (0.01), so that those negatives' loss does not swamp the first steps.
+    RPN_OBJECTNESS_NORMALISER = "samples"
+    RPN_PRIOR_PROBABILITY = None  # None: the objectness bias starts at 0 (probability 0.5)
 
     # ---- Detection ------------------------------------------------------------------------------
     DETECTION_MIN_CONFIDENCE = 0.05  # detections with a lower class score are dropped

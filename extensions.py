@@ -22,7 +22,9 @@ import shutil
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ("nms", "roialign")
 DEFAULT_ARCH_LIST = "8.0;8.6;9.0+PTX"
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -g0 drops the debug information Python's own build flags ask for: a third of the compile time, and a
+# 5 MB object file per source instead of 0.25 MB.
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 LINK_FLAGS = ["-fopenmp"]
 

@@ -612,7 +612,7 @@ def assign_targets(boxes: Tensor, target: dict, matcher: Matcher, weights, crowd
 class RPNHead(nn.Module):
     """3x3 conv(s) + ReLU, then per anchor an objectness logit and 4 box deltas, on every level."""
 
-    def __init__(self, channels: int, num_anchors: int, convs: int = 1):
+    def __init__(self, channels: int, num_anchors: int, convs: int = 1, prior_probability: Optional[float] = None):
         super().__init__()
         self.conv = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
                                     for _ in range(convs)])
@@ -622,6 +622,8 @@ class RPNHead(nn.Module):
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
+        if prior_probability is not None:  # sigmoid(bias) = prior_probability
+            nn.init.constant_(self.cls_logits.bias, math.log(prior_probability / (1 - prior_probability)))
 
     def forward(self, features: list[Tensor]):
         """Returns objectness [N, sum(H*W*A)] and deltas [N, sum(H*W*A), 4] in (level, y, x, anchor) order."""
@@ -673,7 +675,8 @@ class RPN(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.head = RPNHead(config.FPN_CHANNELS, len(config.ANCHOR_RATIOS), config.RPN_CONVS)
+        self.head = RPNHead(config.FPN_CHANNELS, len(config.ANCHOR_RATIOS), config.RPN_CONVS,
+                            config.RPN_PRIOR_PROBABILITY)
         self.matcher = Matcher(config.RPN_FG_IOU_THRESHOLD, config.RPN_BG_IOU_THRESHOLD, True)
 
     def forward(self, images: ImageBatch, features: list[Tensor], targets: Optional[list[dict]] = None) -> RPNOutput:
@@ -936,8 +939,9 @@ def box_regression_loss(deltas: Tensor, target_deltas: Tensor, beta: float, norm
 
 def rpn_losses(objectness: Tensor, deltas: Tensor, assigned: list[AssignedTargets], samples: list[BalancedSample],
                config: Config) -> dict:
-    """loss_objectness (BCE, or focal with RPN_FOCAL_LOSS) over the sampled anchors and loss_rpn_box_reg over
-    the positive ones, both per sampled anchor of the batch.
+    """loss_objectness (BCE, or focal with RPN_FOCAL_LOSS) over the sampled anchors, per sampled anchor or
+    (RPN_OBJECTNESS_NORMALISER "positives") per positive one, and loss_rpn_box_reg over the positive ones per
+    sampled anchor of the batch.
 
     objectness: [N, A] logits; deltas: [N, A, 4]; assigned, samples: per image, from assign_targets and
     sample_balanced on the anchors.
@@ -947,11 +951,14 @@ def rpn_losses(objectness: Tensor, deltas: Tensor, assigned: list[AssignedTarget
     sampled = pos | torch.stack([s.negative for s in samples])  # (N, A)
     labels = torch.stack([a.labels for a in assigned]).to(objectness.dtype)  # (N, A), 1 or 0 where sampled
     target_deltas = torch.stack([a.deltas for a in assigned])  # (N, A, 4)
-    box_loss = box_regression_loss(deltas[pos], target_deltas[pos], c.SMOOTH_L1_BETA, int(sampled.sum()))
+    sampled_count = int(sampled.sum())
+    box_loss = box_regression_loss(deltas[pos], target_deltas[pos], c.SMOOTH_L1_BETA, sampled_count)
     if c.RPN_FOCAL_LOSS:
         object_loss = sigmoid_focal_loss(objectness[sampled], labels[sampled], c.FOCAL_GAMMA, c.FOCAL_ALPHA)
     else:
         object_loss = mean_over_samples(F.binary_cross_entropy_with_logits, objectness[sampled], labels[sampled])
+    if c.RPN_OBJECTNESS_NORMALISER == "positives":  # the mean's sum, over the positives (RetinaNet)
+        object_loss = object_loss * sampled_count / max(int(pos.sum()), 1)
     return {"loss_objectness": object_loss, "loss_rpn_box_reg": box_loss}
 
 

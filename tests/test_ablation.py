@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import ablation  # noqa: E402
 
 import shapes  # noqa: E402
+from config import ShapesConfig  # noqa: E402
 
 TINY = ["IMAGE_MIN_DIM=64", "IMAGE_MAX_DIM=64", "IMAGE_MIN_DIM_TRAIN=(64,)", "FPN_CHANNELS=16", "BOX_HEAD_DIM=32",
         "MASK_HEAD_CHANNELS=16", "MASK_HEAD_CONVS=1", "BATCH_SIZE=2", "NUM_WORKERS=0", "WARMUP_ITERS=1",
@@ -82,3 +83,12 @@ def test_tiny_ablation_runs_each_arm_with_its_settings(tmp_path):
     assert sorted(r["arm"] for r in report["runs"]) == ["baseline", "bicubic_mask", "focal_rpn"]
     table = (out / "ablation.md").read_text()
     assert "| focal_rpn | 1 |" in table and "segm AP" in table
+
+
+@pytest.mark.parametrize("arm", list(ablation.ARMS))
+def test_every_arm_is_a_valid_shapes_configuration(arm):
+    # train.py would refuse a misspelt or out-of-range setting only when that arm's run starts.
+    config = ShapesConfig().override(ablation.ARMS[arm])
+    for setting in ablation.ARMS[arm]:
+        key = setting.split("=")[0]
+        assert getattr(config, key) != getattr(ShapesConfig(), key), setting

@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from helpers_model import shapes_sample, small_config
 
-from model import MaskRCNN, mask_loss, sigmoid_focal_loss, softmax_focal_loss
+from config import Config
+from model import (
+    AssignedTargets,
+    BalancedSample,
+    MaskRCNN,
+    mask_loss,
+    rpn_losses,
+    sigmoid_focal_loss,
+    softmax_focal_loss,
+)
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
@@ -129,3 +138,50 @@ def test_each_switch_changes_only_its_loss(model_and_samples, switch, affected):
     assert focal[affected] < default[affected]
     for name in set(LOSS_NAMES) - {affected}:
         assert math.isclose(focal[name], default[name], rel_tol=1e-6, abs_tol=1e-7), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# RetinaNet's normalisation and prior, for the RPN
+
+
+def rpn_objectness_loss(**settings):
+    """loss_objectness of one image with 4 anchors, all sampled: logits (0, ln 3, ln 3, -ln 3), the first
+    anchor positive."""
+    logits = torch.tensor([[0.0, LN3, LN3, -LN3]], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 0, 0])
+    assigned = [AssignedTargets(labels, torch.tensor([0, -1, -1, -1]), torch.zeros(4, 4, dtype=torch.float64),
+                                torch.zeros(4, dtype=torch.bool))]
+    samples = [BalancedSample(labels == 1, labels == 0)]
+    config = Config(**settings)
+    return rpn_losses(logits, torch.zeros(1, 4, 4, dtype=torch.float64), assigned, samples, config)["loss_objectness"]
+
+
+def test_rpn_objectness_normalised_by_positives_by_hand():
+    # Focal, gamma 2 (per anchor, see test_sigmoid_focal_loss_by_hand): the positive at logit 0 gives
+    # 0.25 ln 2, the negatives at ln 3 0.5625 ln 4 each, the negative at -ln 3 (p = 0.25, p_t = 0.75)
+    # 0.0625 (ln 4 - ln 3).
+    terms = [0.25 * LN2, 0.5625 * LN4, 0.5625 * LN4, 0.0625 * (LN4 - LN3)]
+    focal = dict(RPN_FOCAL_LOSS=True, FOCAL_GAMMA=2.0)
+    assert rpn_objectness_loss(**focal).item() == pytest.approx(sum(terms) / 4, rel=1e-12)
+    # Over the positives: one positive, so the sum.
+    assert rpn_objectness_loss(**focal, RPN_OBJECTNESS_NORMALISER="positives").item() == pytest.approx(
+        sum(terms), rel=1e-12)
+    # Also for the BCE: (ln 2 + 2 ln 4 + (ln 4 - ln 3)) over one positive.
+    assert rpn_objectness_loss(RPN_OBJECTNESS_NORMALISER="positives").item() == pytest.approx(
+        LN2 + 3 * LN4 - LN3, rel=1e-12)
+
+
+def test_rpn_prior_probability_sets_the_first_objectness():
+    torch.manual_seed(0)
+    head = MaskRCNN(small_config(RPN_PRIOR_PROBABILITY=0.01)).rpn.head
+    torch.testing.assert_close(torch.sigmoid(head.cls_logits.bias.double()),
+                               torch.full_like(head.cls_logits.bias, 0.01, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.equal(MaskRCNN(small_config()).rpn.head.cls_logits.bias, torch.zeros_like(head.cls_logits.bias))
+
+
+@pytest.mark.parametrize("setting, message", [("RPN_PRIOR_PROBABILITY=0", "RPN_PRIOR_PROBABILITY"),
+                                              ("RPN_PRIOR_PROBABILITY=1", r"in \(0, 1\)"),
+                                              ("RPN_OBJECTNESS_NORMALISER=anchors", "samples")])
+def test_retinanet_settings_are_checked(setting, message):
+    with pytest.raises(ValueError, match=message):
+        Config().override([setting])

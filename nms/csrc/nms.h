@@ -6,7 +6,10 @@
 // is written once here with ATen ops that run on either device.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the headers used (not ATen/ATen.h, every op's declaration): they set the build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <cmath>
 #include <limits>

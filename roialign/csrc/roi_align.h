@@ -2,7 +2,10 @@
 // with exactly torchvision's arithmetic (same operations in the same order).
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the headers used (not ATen/ATen.h, every op's declaration): they set the build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <type_traits>

@@ -5,6 +5,7 @@
 // and tap weights are computed once per sample rather than once per channel. Forward splits the bins between threads; backward splits the channels, so no
 // two threads ever add into the same value and the result does not depend on the number of threads
 // (this backward is deterministic).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
