@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 import model as model_lib
+import utils
 from model import MaskRCNN
 from roialign import INTERPOLATIONS
 
@@ -120,7 +121,7 @@ def export_program(model: MaskRCNN, path: Optional[str] = None,
     with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
         program = torch.export.export(DetectionProgram(model), (example,), dynamic_shapes=({1: height, 2: width},))
     if path is not None:
-        torch.export.save(program, path)
+        utils.atomic_write(path, lambda f: torch.export.save(program, f))
     return program
 
 
@@ -202,7 +203,10 @@ def export_onnx(model: MaskRCNN, path: str, example: Optional[Tensor] = None,
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET,
                                      custom_translation_table=onnx_translations(), input_names=["image"],
                                      output_names=list(OUTPUT_NAMES), optimize=True, verbose=False)
-    onnx_program.save(path)
+    image = onnx_program.model.graph.inputs[0].shape  # symbols named by the tracer (s62, s73, ...)
+    onnx_program.rename_axes({image[1]: "height", image[2]: "width"})
+    model_proto = onnx_program.model_proto  # under 2 GB for every backbone here: one file, no external data
+    utils.atomic_write(path, lambda f: f.write(model_proto.SerializeToString()))
 
 
 def run_onnx(path_or_session, image: np.ndarray) -> tuple:

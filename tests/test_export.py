@@ -123,7 +123,10 @@ def test_onnx_uses_the_standard_ops_and_no_custom_domain(onnx_file):
     assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node if node.op_type in op_types), \
         "our ops must become standard ONNX ops"
     inputs = graph.graph.input[0].type.tensor_type.shape.dim
-    assert inputs[1].dim_param and inputs[2].dim_param, "the image height and width must be dynamic"
+    assert [inputs[1].dim_param, inputs[2].dim_param] == ["height", "width"], "the image height and width are dynamic"
+    # and renamed everywhere: the masks output ends in height, width
+    masks = next(o for o in graph.graph.output if o.name == "masks").type.tensor_type.shape.dim
+    assert [masks[-2].dim_param, masks[-1].dim_param] == ["height", "width"]
 
 
 @pytest.mark.parametrize("image", [
