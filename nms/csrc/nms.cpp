@@ -10,11 +10,7 @@ TORCH_LIBRARY_FRAGMENT(maskrcnn, m) {
 
 // An empty Python module: importing it loads this library, whose static initialisers above register
 // the ops. Plain CPython rather than pybind11 (torch/extension.h), which tripled the build time.
-#define MASKRCNN_CONCAT(a, b) a##b
-#define MASKRCNN_INIT(name) MASKRCNN_CONCAT(PyInit_, name)
-#define MASKRCNN_QUOTE(name) #name
-#define MASKRCNN_STRINGIFY(name) MASKRCNN_QUOTE(name)
 static PyModuleDef module_definition = {
-    PyModuleDef_HEAD_INIT, MASKRCNN_STRINGIFY(TORCH_EXTENSION_NAME),
+    PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
     "Registers torch.ops.maskrcnn.nms and torch.ops.maskrcnn.batched_nms.", -1, nullptr};
-PyMODINIT_FUNC MASKRCNN_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_definition); }
+PyMODINIT_FUNC C10_CONCATENATE(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_definition); }
