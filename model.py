@@ -127,7 +127,9 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         identity = x if self.downsample is None else conv_norm(x, *self.downsample)
         out = self.relu(conv_norm(x, self.conv1, self.bn1))
-        return self.relu(conv_norm(out, self.conv2, self.bn2) + identity)
+        out = conv_norm(out, self.conv2, self.bn2)
+        out += identity  # in place: a new tensor the size of the feature map costs more than the add
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -157,7 +159,9 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else conv_norm(x, *self.downsample)
         out = self.relu(conv_norm(x, self.conv1, self.bn1))
         out = self.relu(conv_norm(out, self.conv2, self.bn2))
-        return self.relu(conv_norm(out, self.conv3, self.bn3) + identity)
+        out = conv_norm(out, self.conv3, self.bn3)
+        out += identity  # in place, as in BasicBlock
+        return self.relu(out)
 
 
 RESNETS = {  # block, blocks per stage
@@ -886,7 +890,7 @@ class MaskPredictor(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+        return self.mask_fcn_logits(F.relu(self.conv5_mask(x), inplace=True))  # no second [R, C, 28, 28] tensor
 
 
 ############################################################

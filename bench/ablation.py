@@ -1,7 +1,7 @@
 """Do the original implementation's claims hold? Trains every arm on the shapes data set with the same
 iteration budget and seeds, evaluates each run with COCOeval, and compares each arm with the baseline.
 
-    python bench/ablation.py                                   # every arm, 3 seeds, 300 steps: ~90 min on 2 CPU cores
+    python bench/ablation.py                                   # every arm, 3 seeds, 300 steps: ~100 min on 2 CPU cores
     python bench/ablation.py --arms baseline,focal_rpn --seeds 0,1,2,3,4 --iters 500
     python bench/ablation.py --device cuda --jobs 9            # on a GPU, nine runs at a time
 
@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 from scipy import stats
 
@@ -69,6 +70,9 @@ ARMS = {
     "all_anchors_retinanet": ["RPN_BATCH_SIZE_PER_IMAGE=4096", "RPN_FOCAL_LOSS=True", "FOCAL_ALPHA=0.25",
                               "RPN_OBJECTNESS_NORMALISER=positives", "RPN_PRIOR_PROBABILITY=0.01"],
 }
+# Arms whose claim is about another arm than the baseline: focal loss should pay where the RPN is imbalanced,
+# so those arms are also compared, seed by seed, with the imbalanced cross-entropy arm.
+REFERENCES = {"all_anchors_focal": "all_anchors", "all_anchors_retinanet": "all_anchors"}
 # The figures compared: (metrics.json section, key) -> column name.
 METRICS = {("segm", "AP"): "segm AP", ("segm", "AP75"): "segm AP75", ("segm", "APs"): "segm APs",
            ("boundary", "AP"): "Boundary AP"}  # fmt: skip
@@ -113,8 +117,16 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple
     return mean, stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
 
 
+def paired_difference(own: list[dict], reference: str, name: str, by_run: dict) -> Optional[tuple[float, float]]:
+    """paired_interval of metric `name` of the runs `own` minus the `reference` arm's run of the same seed
+    (seeds the reference lacks are left out); None when no seed has both."""
+    paired = [row[name] - by_run[reference, row["seed"]][name] for row in own if (reference, row["seed"]) in by_run]
+    return paired_interval(paired) if paired else None
+
+
 def summarise(rows: list[dict], arms: list[str]) -> list[dict]:
-    """Per arm: mean and sd over seeds of each metric, and the paired difference to the baseline."""
+    """Per arm: mean and sd over seeds of each metric, the paired difference to the baseline and, for the
+    arms in REFERENCES, to their reference arm."""
     by_run = {(row["arm"], row["seed"]): row for row in rows}
     summary = []
     for arm in arms:
@@ -127,9 +139,11 @@ def summarise(rows: list[dict], arms: list[str]) -> list[dict]:
             mean = sum(values) / len(values)
             sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
             entry[name] = (mean, sd)
-            paired = [row[name] - by_run["baseline", row["seed"]][name] for row in own
-                      if ("baseline", row["seed"]) in by_run]
-            entry[f"{name} vs baseline"] = paired_interval(paired) if paired and arm != "baseline" else None
+            entry[f"{name} vs baseline"] = None if arm == "baseline" else paired_difference(own, "baseline", name,
+                                                                                             by_run)
+            if arm in REFERENCES:
+                entry["reference"] = REFERENCES[arm]
+                entry[f"{name} vs reference"] = paired_difference(own, REFERENCES[arm], name, by_run)
         summary.append(entry)
     return summary
 
@@ -154,6 +168,17 @@ def markdown(summary: list[dict], command: str, machine: dict, seconds: float, r
             paired = entry[f"{name} vs baseline"]
             cells.append("" if paired is None else plus_minus(*paired, "{:+.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
+    against = [entry for entry in summary if any(entry.get(f"{name} vs reference") for name in columns)]
+    if against:
+        lines += ["", "Against their reference arm (REFERENCES), paired by seed in the same way:", "",
+                  "| arm | reference | " + " | ".join(f"{c} vs reference" for c in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for entry in against:
+            cells = [entry["arm"], entry["reference"]]
+            for name in columns:
+                paired = entry[f"{name} vs reference"]
+                cells.append("" if paired is None else plus_minus(*paired, "{:+.3f}"))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,21 @@ def test_summary_pairs_arms_with_the_baseline_by_seed():
     assert diff == pytest.approx(-0.05) and math.isnan(half)
     assert summary["baseline"]["segm AP vs baseline"] is None
     assert summary["baseline"]["seeds"] == 2 and summary["mask_28"]["seeds"] == 1
+    assert "segm AP vs reference" not in summary["focal_rpn"]
+
+
+def test_imbalance_arms_are_also_paired_with_their_reference():
+    rows = [row("baseline", 0, 0.30), row("baseline", 1, 0.40), row("all_anchors", 0, 0.20),
+            row("all_anchors", 1, 0.30), row("all_anchors_retinanet", 0, 0.25), row("all_anchors_retinanet", 1, 0.29)]
+    arms = ["baseline", "all_anchors", "all_anchors_retinanet"]
+    summary = {entry["arm"]: entry for entry in ablation.summarise(rows, arms)}
+    # Against all_anchors: +0.05 and -0.01, mean 0.02, sd 0.0424, half-width 12.706 * 0.0424 / sqrt(2).
+    diff, half = summary["all_anchors_retinanet"]["segm AP vs reference"]
+    assert diff == pytest.approx(0.02) and half == pytest.approx(12.706 * 0.03, rel=1e-3)
+    assert summary["all_anchors_retinanet"]["reference"] == "all_anchors"
+    assert summary["all_anchors_retinanet"]["segm AP vs baseline"][0] == pytest.approx(-0.08)  # -0.05, -0.11
+    table = ablation.markdown(list(summary.values()), "cmd", {}, 0.0, True)
+    assert "| all_anchors_retinanet | all_anchors | +0.020 ± 0.381 |" in table
 
 
 @pytest.mark.parametrize(
