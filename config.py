@@ -587,7 +587,10 @@ class ShapesConfig(Config):
     CLASS_NAMES = ("__background__", "square", "circle", "triangle", "star")
     TRAIN_SPLIT = "train"
     VAL_SPLIT = "val"
-    NUM_WORKERS = 1
+    # Loading in the training process: a batch of eight 128 px PNGs takes 13 ms (3% of a step), and on
+    # two cores a worker process would take a core from the step's two threads. The batches and flips
+    # are the same either way (the sampler draws them).
+    NUM_WORKERS = 0
     BATCH_SIZE = 8
     LEARNING_RATE = 0.03
     WARMUP_ITERS = 100
