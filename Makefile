@@ -1,5 +1,5 @@
 # make venv   create .venv with requirements.txt and the project (which builds the kernels)
-# make demo   write the synthetic shapes data, train on it (about 12 min from a fresh clone on 2 CPU cores), evaluate, draw
+# make demo   write the synthetic shapes data, train on it (about 10 min from a fresh clone on 2 CPU cores), evaluate, draw
 # make test   run the tests (sets up .venv first if needed)
 # make bench  run the kernel benchmarks against torchvision
 # make gpu-check   the one prepared GPU run (bench/gpu_check.py); make gpu-wheels fetches what the

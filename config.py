@@ -547,13 +547,13 @@ class ShapesConfig(Config):
       original one, masks of small objects sat a pixel or two off. With lr 0.03 instead of 0.02 it
       took GroupNorm runs from 0.686 to 0.712.
     - A short warm-up, then cosine decay to zero at MAX_ITERS, and gradient clipping, which keeps
-      the first steps from scratch stable. 900 steps (7,200 images): 460 to 475 s of training here
-      (0.51 to 0.53 s a step), segm AP 0.764 / AP50 0.949 with the paste below (800 steps with
-      torchvision's paste: 0.715 / 0.935).
+      the first steps from scratch stable. 900 steps (7,200 images): 390 to 475 s of training here
+      (0.43 to 0.53 s a step, as busy as the shared machine was), segm AP 0.764 / AP50 0.949 with
+      the paste below (800 steps with torchvision's paste: 0.715 / 0.935).
     - NCHW in both modes (CHANNELS_LAST False), as the calibration above ran. On an AVX-512 Xeon the
-      default (None) would train in channels-last, 1.20 s against 1.33 s a step there under load
-      (bench/RESULTS.md), but with other float rounding than the calibrated runs; at 128 px inference
-      was no faster in channels-last (two threads).
+      default (None) would train in channels-last: 0.32 s against 0.36 s a step in
+      bench/bench_training.py on a quiet machine, but no difference measurable in train.py's loop
+      (0.37 to 0.39 s a step either way), with other float rounding than the calibrated runs.
     - Masks pasted as detectron2 does (MASK_PASTE "grid_sample": each pixel samples the 28x28 mask in the
       exact box) rather than torchvision's way (box cut to whole pixels, padded mask resized): on the
       demo's trained model, segm AP 0.715 -> 0.739 and Boundary AP 0.458 -> 0.522 on the same weights,
