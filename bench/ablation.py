@@ -42,7 +42,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -55,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine_description  # noqa: E402
 
 import shapes  # noqa: E402
+import utils  # noqa: E402
 
 ARMS = {
     "baseline": [],
@@ -182,12 +182,6 @@ def markdown(summary: list[dict], command: str, machine: dict, seconds: float, r
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str):
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def parse_list(text: str, name: str, convert=str) -> list:
     try:
         values = [convert(item.strip()) for item in text.split(",") if item.strip()]
@@ -247,10 +241,10 @@ def main(argv=None):
     command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_description(args.device or "cpu")
     text = markdown(summary, command.strip(), machine, seconds, args.report)
-    write_atomic(os.path.join(args.out, "ablation.md"), text)
-    write_atomic(os.path.join(args.out, "ablation.json"), json.dumps(
-        {"command": command, "machine": machine, "seconds": seconds, "runs": sorted(rows, key=lambda r: (
-            r["arm"], r["seed"])), "summary": summary}, indent=1) + "\n")
+    utils.atomic_write(os.path.join(args.out, "ablation.md"), lambda f: f.write(text), mode="w")
+    report = {"command": command, "machine": machine, "seconds": seconds,
+              "runs": sorted(rows, key=lambda r: (r["arm"], r["seed"])), "summary": summary}
+    utils.write_json_atomic(os.path.join(args.out, "ablation.json"), report)
     print(text)
     return summary
 
