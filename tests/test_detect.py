@@ -47,9 +47,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def weights(model, tmp_path_factory):
+def weights(model, module_tmp_path):
     """The model as train.py writes a checkpoint (state_dict and config)."""
-    path = tmp_path_factory.mktemp("run") / "last.pth"
+    path = module_tmp_path / "last.pth"
     torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
     return str(path)
 

@@ -118,11 +118,11 @@ def write_detectron2_pickle(path, state):
 
 
 @pytest.fixture(scope="module")
-def d2(tmp_path_factory):
+def d2(module_tmp_path):
     """(config, detectron2 state as float64 tensors, our model loaded from the .pkl)."""
     config = small_d2_config()
     state = detectron2_state(config)
-    path = tmp_path_factory.mktemp("d2") / "model_final.pkl"
+    path = module_tmp_path / "model_final.pkl"
     write_detectron2_pickle(path, state)
     model = MaskRCNN(config).eval()
     report = model.load_weights(str(path))

@@ -58,15 +58,15 @@ def coco_like_model():
 
 
 @pytest.fixture(scope="module")
-def program_file(shapes_model, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("export") / "model.pt2")
+def program_file(shapes_model, module_tmp_path):
+    path = str(module_tmp_path / "model.pt2")
     export.export_program(shapes_model, path, example=smooth_image(120, 150))
     return path
 
 
 @pytest.fixture(scope="module")
-def onnx_file(coco_like_model, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("export") / "model.onnx")
+def onnx_file(coco_like_model, module_tmp_path):
+    path = str(module_tmp_path / "model.onnx")
     export.export_onnx(coco_like_model, path, example=smooth_image(150, 200))
     return path
 

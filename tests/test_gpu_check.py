@@ -23,8 +23,8 @@ import gpu_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
+def quick_run(module_tmp_path):
+    out = module_tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="2")
     result = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)],

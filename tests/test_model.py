@@ -53,7 +53,7 @@ def image_set(name):
     return [smooth_image(h, w, seed=i + 10 * len(name)) for i, (h, w) in enumerate(IMAGE_SETS[name])]
 
 
-def build_pair(variant, tmp_path_factory):
+def build_pair(variant, directory):
     """torchvision's random model (made to detect), its state_dict saved to a file, and ours loaded from it."""
     torch.manual_seed(0)
     if variant == "v1":
@@ -65,7 +65,7 @@ def build_pair(variant, tmp_path_factory):
         tv = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91, **TV_SETTINGS)
         config = Config.v2(**OUR_SETTINGS)
     make_detecting(tv).eval()
-    path = tmp_path_factory.mktemp(variant) / f"torchvision_{variant}.pth"
+    path = directory / f"torchvision_{variant}.pth"
     torch.save(tv.state_dict(), path)
     ours = MaskRCNN(config)
     report = ours.load_weights(str(path))
@@ -74,13 +74,13 @@ def build_pair(variant, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def v1(tmp_path_factory):
-    return build_pair("v1", tmp_path_factory)
+def v1(module_tmp_path):
+    return build_pair("v1", module_tmp_path)
 
 
 @pytest.fixture(scope="module")
-def v2(tmp_path_factory):
-    return build_pair("v2", tmp_path_factory)
+def v2(module_tmp_path):
+    return build_pair("v2", module_tmp_path)
 
 
 def reference(pair, name):

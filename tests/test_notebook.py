@@ -24,8 +24,8 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("notebook") / "shapes"
+def data(module_tmp_path):
+    root = module_tmp_path / "shapes"
     shapes.generate(root, train=16, val=4, size=64, seed=0)
     return root
 

@@ -29,8 +29,8 @@ def files(root):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
+def data(module_tmp_path):
+    root = module_tmp_path / "data"
     shapes.generate(str(root), train=4, val=3, size=SIZE, seed=0)
     return root
 

@@ -65,9 +65,9 @@ def subprocess_env():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(module_tmp_path):
     """A tiny shapes data set: 16 training and 4 validation images of 64x64."""
-    root = tmp_path_factory.mktemp("data") / "shapes"
+    root = module_tmp_path / "shapes"
     shapes.generate(root, train=16, val=4, size=64, seed=0)
     return root
 
@@ -136,9 +136,10 @@ def leftovers(out):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(data, module_tmp_path):
     """An uninterrupted run of SETTINGS (8 iterations), the reference for the resumed ones."""
-    out = tmp_path_factory.mktemp("reference")
+    out = module_tmp_path / "reference"
+    out.mkdir()
     run(data, out)
     return out
 
