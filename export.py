@@ -17,8 +17,10 @@ intermediates of detect(..., return_intermediates=True) are not exported.
 
 torch.export: our ops stay custom ops (torch.ops.maskrcnn.nms, batched_nms, roi_align); the loading process
 needs them registered (`import nms, roialign` from this repository). Loaded with torch.export.load, the
-program runs on images of any size, and checks at run time the size conditions the trace assumed
-(e.g. images resized to at least ~3 x IMAGE_SIZE_DIVISOR pixels high; model.exported_level_scales).
+program runs on images of any size (2 pixels a side at least), and checks at run time the size conditions the
+trace assumed: with some models (seen with GroupNorm) it refuses images resized to 32 pixels or fewer on a side
+("Guard failed"). The pooling scales are computed in the program from the sizes (model.exported_level_scales),
+as the eager model infers them.
 
 ONNX: the exporter is torch's dynamo exporter (torch.onnx.export(..., dynamo=True)), fed the same
 ExportedProgram, with translations of our three ops written with onnxscript (onnx_translations). The
@@ -28,13 +30,16 @@ pinned torch. batched_nms becomes NonMaxSuppression with one ONNX class per grou
 coordinate-offset trick could round an IoU across a threshold), reordered by decreasing score with ties in
 index order as ours; roi_align becomes RoiAlign (opset 16 or later: coordinate_transformation_mode
 "output_half_pixel" for POOL_ALIGNED=False, "half_pixel" for True; mode "avg"; sampling ratio 0 =
-adaptive as our <= 0). Bicubic pooling (POOL_INTERPOLATION) has no ONNX form and is refused.
+adaptive as our <= 0). Bicubic pooling (POOL_INTERPOLATION) has no ONNX form and is refused. The image's
+size arithmetic is done in float64, as Python does it eagerly (the exporter's default, float32, resized
+about one image size in ten to a pixel less, and the detections moved with it).
 The file runs with onnxruntime alone (see the README's "Export" section).
 """
 
 import argparse
 import logging
 import math
+import operator
 import os
 from typing import Optional
 
@@ -52,9 +57,8 @@ logger = logging.getLogger("export")
 FORMATS = ("onnx", "torch")
 ONNX_OPSET = 18  # RoiAlign's coordinate_transformation_mode needs >= 16; 18 is the exporter's default
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
-# The exported program's sizes: an image side from 32 pixels up (smaller ones are refused by the program's
-# own run-time checks anyway) to 8192.
-MIN_SIDE, MAX_SIDE = 32, 8192
+# The exported program's image sides, in pixels.
+MIN_SIDE, MAX_SIDE = 2, 8192
 # What "the same detections" means (issue 15): boxes within 0.01 pixel, scores within 1e-4, and every mask
 # (thresholded at MASK_THRESHOLD) with an IoU of at least 0.99 with the eager one.
 BOX_TOLERANCE, SCORE_TOLERANCE, MIN_MASK_IOU = 0.01, 1e-4, 0.99
@@ -138,6 +142,7 @@ def load_program(path: str):
 
 def onnx_translations() -> dict:
     """{our op: its onnxscript translation} for torch.onnx.export's custom_translation_table."""
+    import onnx
     from onnxscript import opset18 as op
 
     def selected_by_score(keep, scores):
@@ -189,8 +194,17 @@ def onnx_translations() -> dict:
             sampling_ratio=max(sampling_ratio, 0), spatial_scale=spatial_scale,
         )
 
+    # The image's sizes in float64 as Python computes them eagerly. The exporter's own translations of these two
+    # use float32, in which 220 * (128 / 220) < 128: a 200 x 220 image was resized to 116 x 127, not 116 x 128.
+    def sym_float(size):
+        return op.Cast(size, to=onnx.TensorProto.DOUBLE)
+
+    def truediv(a, b):
+        return op.Div(op.Cast(a, to=onnx.TensorProto.DOUBLE), op.Cast(b, to=onnx.TensorProto.DOUBLE))
+
     ops = torch.ops.maskrcnn
-    return {ops.nms.default: nms, ops.batched_nms.default: batched_nms, ops.roi_align.default: roi_align}
+    return {ops.nms.default: nms, ops.batched_nms.default: batched_nms, ops.roi_align.default: roi_align,
+            torch.sym_float: sym_float, operator.truediv: truediv}
 
 
 def export_onnx(model: MaskRCNN, path: str, example: Optional[Tensor] = None,

@@ -764,22 +764,15 @@ def pyramid_levels(boxes: Tensor, canonical_size: float, canonical_level: int, f
     return torch.floor(canonical_level + torch.log2(relative) + eps)
 
 
-def exported_level_scales(features: list[Tensor], height) -> list[float]:
-    """The scales PyramidRoIAlign infers, as constants for torch.export, where the sizes are symbolic: level i
-    (P2 = 0) at stride 2 ** (i + 2), i.e. scale 2 ** -(i + 2). The inference, 2 ** round(log2(feature height /
-    image height)), gives that same scale when stride * feature height (the padded height) is within a factor
-    sqrt(2) of the image's height: checked in integers, as a runtime assertion of the exported program (it
-    fails only for images resized to under about 3 x IMAGE_SIZE_DIVISOR pixels high)."""
+def exported_level_scales(features: list[Tensor], height) -> list[Tensor]:
+    """The scales PyramidRoIAlign infers, 2 ** round(log2(feature height / image height)), as 0-d float64
+    tensors computed inside an exported program from its symbolic sizes. A Python float would be fixed to the
+    example's sizes, and on images resized to under about 3 x IMAGE_SIZE_DIVISOR pixels high the inference
+    gives other scales than 1 / stride (P5 of an image 18 px high, padded to 32: 1/16), as in eager mode."""
     scales = []
-    for i, feature in enumerate(features):
-        padded = feature.shape[-2] * 2 ** (i + 2)
-        def message(level=i + 2):
-            return (f"an exported model needs images resized to at least ~3 x IMAGE_SIZE_DIVISOR pixels high (P{level}"
-                    f" pooling scale); got {height}")
-
-        torch._check(padded * padded < 2 * height * height, message)
-        torch._check(2 * padded * padded > height * height, message)
-        scales.append(2.0 ** -(i + 2))
+    for feature in features:
+        ratio = torch.scalar_tensor(feature.shape[-2] / height, dtype=torch.float64, device=feature.device)
+        scales.append(torch.exp2(torch.round(torch.log2(ratio))))
     return scales
 
 
@@ -802,11 +795,13 @@ class PyramidRoIAlign(nn.Module):
         """features: P2-P5; boxes: [[Ki, 4]] per image -> [sum Ki, C, S, S]."""
         # The scale of each level, from the largest unpadded image (as torchvision infers it).
         largest = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-        if torch.compiler.is_exporting():
+        exporting = torch.compiler.is_exporting()
+        if exporting:
             scales = exported_level_scales(features, largest[0])
+            first, last = -torch.log2(scales[0]), -torch.log2(scales[-1])
         else:
             scales = [2.0 ** round(math.log2(f.shape[-2] / largest[0])) for f in features]
-        first, last = -math.log2(scales[0]), -math.log2(scales[-1])
+            first, last = -math.log2(scales[0]), -math.log2(scales[-1])
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = pyramid_levels(rois[:, 1:], self.canonical_size, self.canonical_level, self.level_formula)
         levels = (levels.clamp(first, last) - first).to(torch.int64)
@@ -815,8 +810,12 @@ class PyramidRoIAlign(nn.Module):
             index = torch.where(levels == level)[0]
             if guard_or_true(index.numel() > 0):  # unknown while torch.export traces: then pooled (maybe none)
                 # RoIs stay in float32 whatever the features' dtype (bfloat16 cannot hold pixel positions).
+                level_rois, spatial_scale = rois[index], scale
+                if exporting:  # the op's scale is a constant: the boxes are scaled instead (by 2 ** k, exactly)
+                    level_rois = torch.cat([level_rois[:, :1], level_rois[:, 1:] * scale.to(rois.dtype)], dim=1)
+                    spatial_scale = 1.0
                 out[index] = torch.ops.maskrcnn.roi_align(
-                    feature, rois[index], scale, self.output_size, self.output_size,
+                    feature, level_rois, spatial_scale, self.output_size, self.output_size,
                     self.sampling_ratio, self.aligned, self.interpolation,
                 )
         return out

@@ -80,8 +80,11 @@ def test_program_keeps_our_ops_as_custom_ops(program_file):
 
 
 def test_program_in_a_fresh_process_gives_the_eager_detections(shapes_model, program_file, tmp_path):
-    # Two sizes and both orientations: the height and width of the program are dynamic.
-    images = [smooth_image(120, 150, seed=1), smooth_image(200, 90, seed=2)]
+    # Sizes in both orientations (the height and width of the program are dynamic); 200 x 220, whose resized
+    # width (128 / 220 * 220) is 128 in float64 but 127 in float32; and 35 x 250, resized to 18 x 128 and padded
+    # to 32, where the pooling scale inferred for P5 (as torchvision's) is 1/16, not 1/32.
+    images = [smooth_image(120, 150, seed=1), smooth_image(200, 90, seed=2), smooth_image(200, 220, seed=5),
+              smooth_image(35, 250, seed=5)]
     torch.save(images, tmp_path / "images.pt")
     script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import export; "
               "program = export.load_program(sys.argv[2]); "
@@ -133,6 +136,10 @@ def test_onnx_uses_the_standard_ops_and_no_custom_domain(onnx_file):
     pytest.param(lambda: smooth_image(150, 200, seed=3), id="smooth-150x200"),
     pytest.param(lambda: photo("coffee", 160, 120), id="coffee-160x120"),
     pytest.param(lambda: photo("astronaut", 140, 140), id="astronaut-140x140"),
+    # resized to 120 x 160 in float64 but 120 x 159 in the float32 the exporter computes sizes in by default
+    pytest.param(lambda: photo("chelsea", 100, 133), id="chelsea-100x133"),
+    # resized to 22 x 160, padded to 32: P5's inferred pooling scale is 1/16 (a constant 1/32 would differ)
+    pytest.param(lambda: smooth_image(35, 250, seed=5), id="smooth-35x250"),
 ])
 def test_onnx_in_onnxruntime_gives_the_eager_detections(coco_like_model, onnx_file, image):
     image = image()
