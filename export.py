@@ -141,7 +141,8 @@ def load_program(path: str):
 
 
 def onnx_translations() -> dict:
-    """{our op: its onnxscript translation} for torch.onnx.export's custom_translation_table."""
+    """{our op, or Python arithmetic on sizes: its onnxscript translation} for torch.onnx.export's
+    custom_translation_table."""
     import onnx
     from onnxscript import opset18 as op
 
@@ -194,17 +195,29 @@ def onnx_translations() -> dict:
             sampling_ratio=max(sampling_ratio, 0), spatial_scale=spatial_scale,
         )
 
-    # The image's sizes in float64 as Python computes them eagerly. The exporter's own translations of these two
-    # use float32, in which 220 * (128 / 220) < 128: a 200 x 220 image was resized to 116 x 127, not 116 x 128.
-    def sym_float(size):
-        return op.Cast(size, to=onnx.TensorProto.DOUBLE)
+    # Python arithmetic on the image's (symbolic) sizes, in float64 wherever a float is involved, as Python
+    # computes it eagerly. The exporter's own translations use float32, in which 220 * (128 / 220) < 128 (a
+    # 200 x 220 image was resized to 116 x 127, not 116 x 128), and they make a Python float beside a size
+    # (the 0.5 of detectron2's rounding) a float32 constant, which ONNX cannot add to a float64.
+    def as_float64(value):
+        if isinstance(value, (int, float)):
+            return op.Constant(value=onnx.helper.make_tensor("value", onnx.TensorProto.DOUBLE, [], [float(value)]))
+        return op.Cast(value, to=onnx.TensorProto.DOUBLE)
 
-    def truediv(a, b):
-        return op.Div(op.Cast(a, to=onnx.TensorProto.DOUBLE), op.Cast(b, to=onnx.TensorProto.DOUBLE))
+    def python_op(onnx_op):
+        """onnx_op on two sizes or numbers, in float64 where either is a float (Python's promotion)."""
+        def translation(a, b):
+            if any(isinstance(v, float) or (not isinstance(v, int) and v.dtype.is_floating_point()) for v in (a, b)):
+                a, b = as_float64(a), as_float64(b)
+            return onnx_op(a, b)
+        return translation
+
+    sizes = {torch.sym_float: as_float64, operator.truediv: lambda a, b: op.Div(as_float64(a), as_float64(b)),
+             operator.add: python_op(op.Add), operator.sub: python_op(op.Sub), operator.mul: python_op(op.Mul),
+             torch.sym_min: python_op(op.Min), torch.sym_max: python_op(op.Max)}
 
     ops = torch.ops.maskrcnn
-    return {ops.nms.default: nms, ops.batched_nms.default: batched_nms, ops.roi_align.default: roi_align,
-            torch.sym_float: sym_float, operator.truediv: truediv}
+    return {ops.nms.default: nms, ops.batched_nms.default: batched_nms, ops.roi_align.default: roi_align, **sizes}
 
 
 def export_onnx(model: MaskRCNN, path: str, example: Optional[Tensor] = None,
@@ -316,10 +329,12 @@ def photos() -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Export a Mask R-CNN to ONNX or torch.export and check it.")
-    parser.add_argument("--weights", required=True, help="checkpoint path (train.py's), or coco / coco_v2")
+    parser.add_argument("--weights", required=True, help="checkpoint path (train.py's, or a detectron2 .pkl), or "
+                        "published weights: coco, coco_v2, d2_r50_fpn_3x, d2_r101_fpn_3x")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (.onnx) or torch (.pt2)")
     parser.add_argument("--out", required=True, help="the file to write")
-    parser.add_argument("--config", default="coco", help="preset for weights without a config (coco, shapes)")
+    parser.add_argument("--config", default="coco", help="preset for weights without a config (coco, shapes, custom, "
+                        "d2_r50_fpn_3x, d2_r101_fpn_3x)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check against the eager model on scikit-image's photos")

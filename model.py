@@ -323,12 +323,15 @@ def resized_size(height: int, width: int, min_size: float, max_size: float,
                 torch.sym_max(torch.sym_int(torch.sym_float(width) * scale), 1))
     if rounding != "round":
         raise ValueError(f"RESIZE_ROUNDING must be 'floor' or 'round'; got {rounding!r}")
-    scale = min_size / min(height, width)
-    new_h, new_w = (float(min_size), scale * width) if height < width else (scale * height, float(min_size))
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
+    # The same arithmetic as ResizeShortestEdge, without Python branches on the sizes, which would fix an
+    # exported program to the example's orientation: shrink is 1 where the longer side fits max_size.
+    shorter, longer = torch.sym_min(height, width), torch.sym_max(height, width)
+    new_longer = min_size / shorter * longer
+    shrink = torch.sym_min(1.0, max_size / new_longer)
+    new_shorter = torch.sym_max(torch.sym_int(min_size * shrink + 0.5), 1)
+    new_longer = torch.sym_max(torch.sym_int(new_longer * shrink + 0.5), 1)
+    portrait = height >= width  # a square's "shorter" side is its width, as in detectron2
+    return torch.sym_ite(portrait, new_longer, new_shorter), torch.sym_ite(portrait, new_shorter, new_longer)
 
 
 def preprocess(images: list[Tensor], config: Config, targets=None, min_size: Optional[int] = None,

@@ -148,6 +148,25 @@ def test_onnx_in_onnxruntime_gives_the_eager_detections(coco_like_model, onnx_fi
     assert_same(coco_like_model, image, got)
 
 
+def test_detectron2_rounding_exports_in_both_orientations(tmp_path):
+    # The detectron2 presets' resize (RESIZE_ROUNDING="round": the shorter side to IMAGE_MIN_DIM, then + 0.5
+    # and truncated). Python branches on the orientation fixed the export to the example's (it failed), and
+    # the ONNX file must add the 0.5 in float64 (a float32 constant there was an invalid file). Portrait,
+    # landscape and square images.
+    torch.manual_seed(3)
+    config = small_config(RESIZE_ROUNDING="round", RESIZE_ANTIALIAS=True, INPUT_FORMAT="BGR255",
+                          PIXEL_MEAN=(103.53, 116.28, 123.675), PIXEL_STD=(1.0, 1.0, 1.0))
+    model = make_detecting(MaskRCNN(config)).eval()
+    program = export.export_program(model, str(tmp_path / "model.pt2"), example=smooth_image(120, 150))
+    export.export_onnx(model, str(tmp_path / "model.onnx"), program=program)
+    loaded = export.load_program(str(tmp_path / "model.pt2"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for image in (smooth_image(150, 200, seed=6), smooth_image(200, 150, seed=7), photo("chelsea", 140, 140),
+                  photo("coffee", 100, 133)):
+        assert_same(model, image, loaded(image))
+        assert_same(model, image, export.run_onnx(session, image.numpy()))
+
+
 class OneOp(torch.nn.Module):
     """One of our ops with its settings fixed, to export its ONNX translation alone."""
 
