@@ -370,13 +370,17 @@ def video_properties(path) -> tuple:
 
 
 def read_video(path):
-    """The frames of a video's first video stream, decoded by FFmpeg (PyAV), as HxWx3 uint8 RGB arrays."""
+    """The frames of a video's first video stream, decoded by FFmpeg (PyAV), as HxWx3 uint8 RGB arrays, turned
+    upright as players show them: a phone stores a portrait video as landscape frames and a display matrix
+    that rotates them (frame.rotation, counter-clockwise degrees; to the nearest quarter turn)."""
     import av
 
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video_stream(container, path)):
-                yield frame.to_ndarray(format="rgb24")
+                pixels = frame.to_ndarray(format="rgb24")
+                quarter_turns = round(frame.rotation / 90) % 4
+                yield np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
     except av.FFmpegError as error:
         raise ValueError(f"cannot read video {path}: {error}") from error
 

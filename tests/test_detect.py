@@ -11,6 +11,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import av
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -270,6 +271,31 @@ def test_video_round_trip_is_near_lossless(tmp_path):
     worst = max(np.abs(b.astype(int) - f).max() for b, f in zip(back, frames))
     assert worst <= 3, f"crf 0 differs only by RGB <-> YUV rounding; got up to {worst}"
     assert detect.video_properties(tmp_path / "clip.mp4") == (12, 7)
+
+
+@pytest.mark.parametrize("degrees, corner", [(90, (slice(35, 40), slice(0, 5))), (-90, (slice(0, 5), slice(25, 30))),
+                                             (180, (slice(25, 30), slice(35, 40)))])
+def test_video_with_a_display_rotation_is_read_upright(tmp_path, degrees, corner):
+    # Stored 30 x 40 with a white 5 x 5 top-left corner, and a display matrix that turns it `degrees`
+    # counter-clockwise (FFmpeg's sign, as a phone's portrait video: -90): 90 puts that corner at the
+    # bottom left of a 40 x 30 picture, -90 at the top right, 180 at the bottom right of a 30 x 40 one.
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[:5, :5] = 255
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 40, 30, "yuv444p", {"crf": "0"}
+        stream.set_display_rotation(degrees)
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    frames = read_frames(path)
+    expected = np.zeros((30, 40) if degrees == 180 else (40, 30), bool)
+    expected[corner] = True
+    assert len(frames) == 2
+    for frame in frames:
+        assert frame.shape == expected.shape + (3,)
+        np.testing.assert_array_equal(frame.min(2) > 128, expected)
 
 
 def test_detect_py_on_a_video_gives_every_frame_back(weights, tmp_path):
